@@ -1,0 +1,105 @@
+"""Argument validation shared by the public entry points.
+
+Every check raises `ValueError`/`TypeError` naming the argument, what was
+expected and what was received. Static checks run at trace time where shapes
+are known; `dynamic_assert_equal` covers dimensions only known at run time.
+"""
+
+from typing import Any, Sequence
+
+import keras
+import tensorflow as tf
+
+
+def leaf_paths(structure: Any, name: str) -> list[str]:
+  """Readable names of every leaf of `structure`, e.g. `inputs['a'][1]`."""
+  paths = []
+  for path, _ in keras.tree.flatten_with_path(structure):
+    paths.append(name + "".join(f"[{p!r}]" for p in path))
+  return paths
+
+
+def state_input_names(specs: Any) -> list[str]:
+  """`the step's state input 1`, `... input 0['c']` for every state leaf."""
+  names = []
+  for path, _ in keras.tree.flatten_with_path(specs):
+    if not isinstance(specs, (list, tuple)) or hasattr(specs, "_fields"):
+      path = (0,) + tuple(path)
+    names.append(f"the step's state input {path[0]}" +
+                 "".join(f"[{p!r}]" for p in path[1:]))
+  return names
+
+
+def shape_str(shape: tf.TensorShape | Sequence[int | None]) -> str:
+  shape = tf.TensorShape(shape)
+  if shape.rank is None:
+    return "<unknown rank>"
+  return str(tuple(shape.as_list()))
+
+
+def check_positive_int(value: Any, name: str) -> int:
+  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+  return value
+
+
+def check_rank_at_least(tensor: tf.Tensor, rank: int, name: str,
+                        layout: str) -> None:
+  if tensor.shape.rank is None:
+    raise ValueError(f"{name} has unknown rank; expected rank >= {rank} "
+                     f"({layout}).")
+  if tensor.shape.rank < rank:
+    raise ValueError(
+        f"{name} has shape {shape_str(tensor.shape)} (rank "
+        f"{tensor.shape.rank}); expected rank >= {rank} ({layout}).")
+
+
+def merge_dim(dims: list[tuple[str, int | None]], what: str) -> int | None:
+  """Returns the common static value of `dims` or raises naming the culprits.
+
+  Args:
+    dims: `(name, size)` pairs; `None` sizes are unknown and always agree.
+    what: What the dimension is, e.g. "batch size".
+
+  Returns:
+    The known size, or `None` if no pair knows it.
+
+  Raises:
+    ValueError: If two known sizes differ.
+  """
+  known = [(n, d) for n, d in dims if d is not None]
+  if not known:
+    return None
+  first_name, first = known[0]
+  for n, d in known[1:]:
+    if d != first:
+      raise ValueError(
+          f"{what} of {n} is {d}, but {first_name} has {what} {first}; "
+          f"every input, state and mask must agree on the {what}.")
+  return first
+
+
+def dynamic_assert_equal(a: tf.Tensor, b: tf.Tensor, message: str) -> list:
+  """A run-time equality check for graph mode (a no-op in XLA)."""
+  if isinstance(a, int) and isinstance(b, int):
+    if a != b:
+      raise ValueError(message)
+    return []
+  return [tf.debugging.assert_equal(a, b, message=message)]
+
+
+def is_float(dtype: tf.DType) -> bool:
+  return tf.as_dtype(dtype).is_floating
+
+
+def check_spec_compatible(value: tf.Tensor, spec: tf.TensorSpec, name: str,
+                          expected_name: str, fix: str) -> None:
+  """Shape/dtype agreement of a tensor with a step's declared spec."""
+  if not value.shape.is_compatible_with(spec.shape):
+    raise ValueError(
+        f"{name} has shape {shape_str(value.shape)} but {expected_name} "
+        f"expects {shape_str(spec.shape)}. {fix}")
+  if value.dtype != spec.dtype:
+    raise TypeError(
+        f"{name} has dtype {value.dtype.name} but {expected_name} expects "
+        f"{spec.dtype.name}. {fix}")

@@ -1,0 +1,277 @@
+"""The step adapter: a Keras model, a Keras RNN cell or a callable -> `Step`.
+
+stepper accepts three kinds of step and turns each into a `Step`, the one
+internal form the engine (and everything built on it) calls:
+
+1. A Keras functional model with inputs `[x_t, *states]` and outputs
+   `[y_t, *new_states]` (each may be a nest). A model with a single input and
+   output is a step without state.
+2. A Keras RNN cell: anything with `state_size` whose call is
+   `cell(x_t, states, training=...) -> (y_t, new_states)`.
+3. A plain callable `(x_t, states) -> (y_t, new_states)`, optionally taking a
+   `training` keyword. Its states cannot be inferred: pass `initial_states`.
+
+Nothing outside this module distinguishes the three.
+"""
+
+import inspect
+import weakref
+from typing import Any, Callable
+
+import keras
+import tensorflow as tf
+
+from stepper import _checks
+
+Nest = Any
+
+
+class Step:
+  """A step normalised to `(x_t, states, training) -> (y_t, new_states)`.
+
+  Attributes:
+    name: Human-readable name for error messages.
+    state_specs: Nest of `tf.TensorSpec` with a leading (usually `None`) batch
+      dimension, or `None` when the step does not declare its states.
+    input_spec: Nest of `tf.TensorSpec` for `x_t`, or `None` if undeclared.
+    module: The wrapped Keras model/cell (for variables), or `None`.
+  """
+
+  def __init__(self, fn: Callable[..., tuple[Nest, Nest]], *, name: str,
+               state_specs: Nest | None = None,
+               input_spec: Nest | None = None,
+               initial_state_fn: Callable[[tf.Tensor], Nest] | None = None,
+               module: Any = None):
+    self._fn = fn
+    self.name = name
+    self.state_specs = state_specs
+    self.input_spec = input_spec
+    self._initial_state_fn = initial_state_fn
+    self.module = module
+    self._spec_cache = {}
+
+  def __call__(self, x_t: Nest, states: Nest,
+               training: bool | tf.Tensor | None = None) -> tuple[Nest, Nest]:
+    """One time step: `x_t` leaves `[batch, ...]`, states like `state_specs`."""
+    return self._fn(x_t, states, training)
+
+  @property
+  def trainable_variables(self) -> list[tf.Variable]:
+    return list(getattr(self.module, "trainable_variables", []))
+
+  @property
+  def variables(self) -> list[tf.Variable]:
+    return list(getattr(self.module, "variables", []))
+
+  def initial_state(self, batch_size: int | tf.Tensor) -> Nest:
+    """Default states for `batch_size` rows (usually zeros).
+
+    Raises:
+      ValueError: If the step does not declare its states (a plain callable).
+    """
+    if self._initial_state_fn is None:
+      raise ValueError(
+          f"Cannot infer the initial states of {self.name}: a plain callable "
+          "does not declare its states. Pass `initial_states` explicitly.")
+    return self._initial_state_fn(batch_size)
+
+  def output_spec(self, x_spec: Nest, state_specs: Nest,
+                  training: Any = None) -> tuple[Nest, Nest]:
+    """Specs of `(y_t, new_states)` for the given input and state specs.
+
+    The step is traced once, abstractly, in a scratch graph (no step runs);
+    the result is cached per input/state signature.
+    """
+    if isinstance(training, tf.Tensor):
+      training = None  # Output shapes do not depend on the training flag.
+    key = (_signature(x_spec), _signature(state_specs), training)
+    if key not in self._spec_cache:
+      concrete = tf.function(
+          lambda x, s: self(x, s, training),
+          autograph=False).get_concrete_function(x_spec, state_specs)
+      self._spec_cache[key] = tf.nest.map_structure(
+          lambda t: tf.TensorSpec(t.shape, t.dtype),
+          concrete.structured_outputs)
+    return self._spec_cache[key]
+
+
+def _signature(specs: Nest) -> tuple:
+  flat = tuple((tuple(s.shape.as_list()) if s.shape.rank is not None else None,
+                s.dtype) for s in tf.nest.flatten(specs))
+  return flat, str(tf.nest.map_structure(lambda _: 0, specs))
+
+
+_ADAPTERS = weakref.WeakKeyDictionary()
+
+
+def as_step(step: Any) -> Step:
+  """Adapts a Keras model, a Keras RNN cell or a callable into a `Step`.
+
+  Adapters are cached per object, so calling the engine repeatedly with the
+  same model does no repeated work.
+
+  Args:
+    step: A `Step`, a functional `keras.Model` with inputs `[x_t, *states]`,
+      an object with `state_size` (a Keras RNN cell), or a callable
+      `(x_t, states[, training]) -> (y_t, new_states)`.
+
+  Returns:
+    The `Step`.
+
+  Raises:
+    TypeError: If `step` is none of the above.
+    ValueError: If a step model's outputs are not `[y_t, *new_states]` with
+      states shaped like its state inputs.
+  """
+  if isinstance(step, Step):
+    return step
+  try:
+    cached = _ADAPTERS.get(step)
+  except TypeError:  # Not weak-referenceable; adapt without caching.
+    return _adapt(step)
+  if cached is None:
+    cached = _adapt(step)
+    _ADAPTERS[step] = cached
+  return cached
+
+
+def _adapt(step: Any) -> Step:
+  if isinstance(step, keras.Model) and _has_functional_inputs(step):
+    return _from_model(step)
+  if hasattr(step, "state_size"):
+    return _from_cell(step)
+  if callable(step):
+    return _from_callable(step)
+  raise TypeError(
+      "`step` must be a functional keras.Model with inputs [x_t, *states], a "
+      "Keras RNN cell (with `state_size`), or a callable "
+      f"(x_t, states) -> (y_t, new_states); got {type(step).__name__}.")
+
+
+def _has_functional_inputs(model: keras.Model) -> bool:
+  try:
+    return bool(model.inputs)
+  except (AttributeError, ValueError):
+    return False
+
+
+def _spec_of(keras_tensor) -> tf.TensorSpec:
+  return tf.TensorSpec(keras_tensor.shape, keras_tensor.dtype)
+
+
+def _top_level(structure: Nest) -> list:
+  """`[x, *states]` for a list/tuple model input or output, else `[x]`."""
+  if isinstance(structure, (list, tuple)) and not hasattr(structure, "_fields"):
+    return list(structure)
+  return [structure]
+
+
+def _from_model(model: keras.Model) -> Step:
+  name = f"step model {model.name!r}"
+  inputs = _top_level(model.input)
+  outputs = _top_level(model.output)
+  if isinstance(model.input, dict):
+    raise ValueError(f"{name} takes a dict of inputs; a step model's inputs "
+                     "must be a list [x_t, *states].")
+  state_specs = [tf.nest.map_structure(_spec_of, s) for s in inputs[1:]]
+  if len(outputs) != len(inputs):
+    raise ValueError(
+        f"{name} has {len(inputs) - 1} state input(s) but {len(outputs)} "
+        f"output(s); a step model with inputs [x_t, *states] must return "
+        f"[y_t, *new_states] ({len(inputs)} outputs).")
+  for i, (state_in, state_out) in enumerate(zip(inputs[1:], outputs[1:])):
+    try:
+      tf.nest.assert_same_structure(state_in, state_out, check_types=False)
+    except (ValueError, TypeError) as e:
+      raise ValueError(f"{name}: output {i + 1} (new state {i}) is not "
+                       f"nested like state input {i + 1}: {e}") from None
+    for a, b in zip(tf.nest.flatten(state_in), tf.nest.flatten(state_out)):
+      if (not tf.TensorShape(a.shape).is_compatible_with(b.shape)
+          or a.dtype != b.dtype):
+        raise ValueError(
+            f"{name}: output {i + 1} (new state {i}) has shape "
+            f"{_checks.shape_str(b.shape)} and dtype {b.dtype}, but state "
+            f"input {i + 1} has shape {_checks.shape_str(a.shape)} and dtype "
+            f"{a.dtype}. A step model must return [y_t, *new_states] with "
+            "every new state shaped like its state input.")
+  n_states = len(inputs) - 1
+
+  def fn(x_t, states, training):
+    out = model([x_t, *states] if n_states else x_t, training=training)
+    out = _top_level(out)
+    return out[0], list(out[1:])
+
+  def initial_state(batch_size):
+    return [tf.nest.map_structure(
+        lambda s: tf.zeros(tf.concat([[batch_size], s.shape[1:]], 0), s.dtype),
+        spec) for spec in state_specs]
+
+  return Step(fn, name=name, state_specs=state_specs,
+              input_spec=tf.nest.map_structure(_spec_of, inputs[0]),
+              initial_state_fn=initial_state, module=model)
+
+
+def _cell_state_structure(state_size: Nest) -> Nest:
+  """Keras' convention: a list/tuple of sizes is several states."""
+  if isinstance(state_size, tf.TensorShape) or not tf.nest.is_nested(
+      state_size):
+    return [state_size]
+  return state_size
+
+
+def _size_shape(size) -> list[int | None]:
+  return tf.TensorShape(size).as_list()
+
+
+def _from_cell(cell: Any) -> Step:
+  name = f"cell {getattr(cell, 'name', type(cell).__name__)!r}"
+  structure = _cell_state_structure(cell.state_size)
+  dtype = tf.as_dtype(getattr(cell, "compute_dtype", None) or "float32")
+  state_specs = tf.nest.map_structure(
+      lambda size: tf.TensorSpec([None] + _size_shape(size), dtype), structure,
+      expand_composites=False)
+
+  def fn(x_t, states, training):
+    output, new_states = cell(x_t, states, training=training)
+    flat = tf.nest.flatten(new_states)
+    n_expected = len(tf.nest.flatten(structure))
+    if len(flat) != n_expected:
+      raise ValueError(f"{name} returned {len(flat)} new state tensor(s) but "
+                       f"its state_size declares {n_expected}.")
+    return output, tf.nest.pack_sequence_as(structure, flat)
+
+  def initial_state(batch_size):
+    if hasattr(cell, "get_initial_state"):
+      flat = tf.nest.flatten(cell.get_initial_state(batch_size=batch_size))
+      return tf.nest.pack_sequence_as(structure, flat)
+    return tf.nest.map_structure(
+        lambda s: tf.zeros(tf.concat([[batch_size], s.shape[1:]], 0), s.dtype),
+        state_specs)
+
+  return Step(fn, name=name, state_specs=state_specs,
+              initial_state_fn=initial_state, module=cell)
+
+
+def _accepts_training(fn: Callable) -> bool:
+  try:
+    params = inspect.signature(fn).parameters.values()
+  except (TypeError, ValueError):
+    return False
+  return any(p.name == "training" or p.kind == p.VAR_KEYWORD for p in params)
+
+
+def _from_callable(fn: Callable) -> Step:
+  name = f"callable {getattr(fn, '__name__', type(fn).__name__)!r}"
+  if _accepts_training(fn):
+    call = lambda x, s, training: fn(x, s, training=training)
+  else:
+    call = lambda x, s, training: fn(x, s)
+
+  def step_fn(x_t, states, training):
+    result = call(x_t, states, training)
+    if not isinstance(result, (tuple, list)) or len(result) != 2:
+      raise ValueError(f"{name} must return a pair (y_t, new_states); got "
+                       f"{type(result).__name__}.")
+    return tuple(result)
+
+  return Step(step_fn, name=name, module=fn)
