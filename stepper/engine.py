@@ -327,6 +327,7 @@ class _Loop:
     Sequences come back time-major, `[time, batch, ...]`.
     """
     batch = tf.shape(flat_x[0])[1]
+    self._call = self._step.start(batch, self._training)
     self._time = time.value
     self._input_tas = [
         tf.TensorArray(x.dtype, size=time.value, element_shape=x.shape[1:])
@@ -385,7 +386,7 @@ class _Loop:
       reset = self._control_tas["resets"].read(idx)
       flat_states = [_select(reset, init, s)
                      for init, s in zip(self._flat_init, flat_states)]
-    y, new_states = self._step(
+    y, new_states = self._call(
         x_t, tf.nest.pack_sequence_as(self._states, flat_states),
         self._training)
     flat_y = tf.nest.flatten(y)

@@ -34,15 +34,18 @@ class Step:
     state_specs: Nest of `tf.TensorSpec` with a leading (usually `None`) batch
       dimension, or `None` when the step does not declare its states.
     input_spec: Nest of `tf.TensorSpec` for `x_t`, or `None` if undeclared.
-    module: The wrapped Keras model/cell (for variables), or `None`.
+    module: The wrapped Keras model/cell, or any object with
+      `trainable_variables`/`variables` (for a composite step), or `None`.
   """
 
   def __init__(self, fn: Callable[..., tuple[Nest, Nest]], *, name: str,
                state_specs: Nest | None = None,
                input_spec: Nest | None = None,
                initial_state_fn: Callable[[tf.Tensor], Nest] | None = None,
+               start_fn: Callable[..., Callable] | None = None,
                module: Any = None):
     self._fn = fn
+    self._start_fn = start_fn
     self.name = name
     self.state_specs = state_specs
     self.input_spec = input_spec
@@ -54,6 +57,19 @@ class Step:
                training: bool | tf.Tensor | None = None) -> tuple[Nest, Nest]:
     """One time step: `x_t` leaves `[batch, ...]`, states like `state_specs`."""
     return self._fn(x_t, states, training)
+
+  def start(self, batch_size: int | tf.Tensor,
+            training: bool | tf.Tensor | None = None) -> Callable:
+    """Called once per engine run, before the loop; returns the per-step
+    function `(x_t, states, training) -> (y_t, new_states)` for this run.
+
+    The default is the step itself. A step that needs per-sequence context
+    drawn once and used at every step (e.g. variational dropout masks) builds
+    it here.
+    """
+    if self._start_fn is None:
+      return self
+    return self._start_fn(batch_size, training)
 
   @property
   def trainable_variables(self) -> list[tf.Variable]:
