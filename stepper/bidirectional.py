@@ -1,0 +1,110 @@
+"""`bidirectional`: two step models, one run forward and one backward.
+
+The semantics are those of `keras.layers.Bidirectional`: the backward run
+starts at the last step (with `sequence_length`, at each row's real last
+step), its outputs are returned in the input's time order, and the two
+directions' outputs are merged by `merge_mode`.
+"""
+
+from typing import Any, Callable
+
+import tensorflow as tf
+
+from stepper import engine
+
+Nest = Any
+
+_MERGES: dict[str | None, Callable[[tf.Tensor, tf.Tensor], tf.Tensor] | None]
+_MERGES = {
+    "concat": lambda f, b: tf.concat([f, b], axis=-1),
+    "sum": tf.add,
+    "mul": tf.multiply,
+    "ave": lambda f, b: (f + b) / 2,
+    None: None,
+}
+
+
+def bidirectional(
+    forward_step: Any,
+    backward_step: Any,
+    inputs: Nest,
+    initial_states: tuple[Nest, Nest] | None = None,
+    *,
+    sequence_length: tf.Tensor | None = None,
+    mask: tf.Tensor | None = None,
+    merge_mode: str | None = "concat",
+    return_sequences: bool = True,
+    time_major: bool = False,
+    training: bool | tf.Tensor | None = None,
+) -> tuple[Nest, tuple[Nest, Nest]]:
+  """Runs `forward_step` forward and `backward_step` backward over `inputs`.
+
+  >>> x = tf.random.normal([4, 20, 3])
+  >>> outputs, (fw_states, bw_states) = stepper.bidirectional(
+  ...     keras.layers.GRUCell(8), keras.layers.GRUCell(8), x,
+  ...     sequence_length=[20, 7, 3, 0])
+  >>> outputs.shape
+  TensorShape([4, 20, 16])
+
+  Args:
+    forward_step: A step (see `stepper.model_rnn`) run from the first step.
+    backward_step: A step run from the last (valid) step to the first.
+    inputs: Tensor or nest, each leaf `[batch, time, ...]` (`[time, batch,
+      ...]` with `time_major=True`).
+    initial_states: `(forward_states, backward_states)`, each nested like its
+      step's states, each leaf `[batch, ...]`; or `None` for the steps'
+      defaults.
+    sequence_length: int `[batch]`: `tf.nn.dynamic_rnn` semantics; the
+      backward run reverses only each row's valid part and outputs are zero
+      from each row's length on. Exclusive with `mask`.
+    mask: bool `[batch, time]` (`[time, batch]` with `time_major`): Keras
+      masking. As in `keras.layers.Bidirectional`, masked steps output zeros
+      when returning sequences, and carry states forward.
+    merge_mode: How the directions' outputs combine, leaf by leaf: `'concat'`
+      (on the last axis), `'sum'`, `'mul'`, `'ave'`, or `None` for the pair
+      `[forward_outputs, backward_outputs]`.
+    return_sequences: If False, each direction returns only its last
+      (valid) output, `[batch, ...]`: for the backward run that is the
+      output at the first step.
+    time_major: Whether `inputs`, `mask` and the returned sequences are
+      `[time, batch, ...]`.
+    training: Passed to both steps at every call.
+
+  Returns:
+    `(outputs, (forward_final_states, backward_final_states))`: `outputs` is
+    the merged output, nested like `y_t`, each leaf `[batch, time, ...]` (or
+    `[batch, ...]` without `return_sequences`); with `merge_mode=None` it is
+    `[forward_outputs, backward_outputs]`. Keras' `return_state=True` list is
+    `[outputs, *forward_final_states, *backward_final_states]`.
+
+  Raises:
+    ValueError: For an unknown `merge_mode`, `initial_states` that are not a
+      pair, or any error of `stepper.model_rnn`.
+  """
+  if merge_mode not in _MERGES:
+    raise ValueError(
+        f"`merge_mode` must be one of {list(_MERGES)}; got {merge_mode!r}.")
+  if initial_states is None:
+    initial_states = (None, None)
+  elif not isinstance(initial_states, (list, tuple)) or len(
+      initial_states) != 2:
+    got = (f"a {type(initial_states).__name__} of length "
+           f"{len(initial_states)}" if isinstance(initial_states, (list, tuple))
+           else f"a {type(initial_states).__name__}")
+    raise ValueError("`initial_states` must be None or a pair "
+                     f"(forward_states, backward_states); got {got}.")
+  # Keras' Bidirectional forces `zero_output_for_mask=return_sequences`.
+  kwargs = dict(sequence_length=sequence_length, mask=mask,
+                zero_output_for_mask=return_sequences,
+                return_sequences=return_sequences, time_major=time_major,
+                training=training)
+  forward, forward_states = engine.model_rnn(
+      forward_step, inputs, initial_states[0], **kwargs)
+  backward, backward_states = engine.model_rnn(
+      backward_step, inputs, initial_states[1], reverse=True, **kwargs)
+  merge = _MERGES[merge_mode]
+  if merge is None:
+    outputs = [forward, backward]
+  else:
+    outputs = tf.nest.map_structure(merge, forward, backward)
+  return outputs, (forward_states, backward_states)
