@@ -74,10 +74,10 @@ def stack(steps: Sequence[Any], *, residual: bool | Sequence[bool] = False,
   def start(batch_size, training):
     calls = [layer.start(batch_size, training) for layer in layers]
     seeds = None
-    if generator is not None and training is not None and (
+    if generator is not None and len(layers) > 1 and (
         isinstance(training, tf.Tensor) or training):
-      seeds = tf.unstack(generator.make_seeds(len(layers) - 1), axis=1) if (
-          len(layers) > 1) else []
+      # One seed per layer boundary, drawn once per run: every step reuses it.
+      seeds = tf.unstack(generator.make_seeds(len(layers) - 1), axis=1)
     return lambda x, s, tr: body(calls, seeds, training, x, s, tr)
 
   specs = [layer.state_specs for layer in layers]

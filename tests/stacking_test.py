@@ -6,6 +6,7 @@ import numpy as np
 import tensorflow as tf
 
 import stepper
+from stepper import chunking
 from stepper import testing
 
 BATCH, TIME, FEATURES = 3, 5, 4
@@ -99,12 +100,12 @@ class _Control:
     weights = [layer.trainable_variables for layer in self.layers]
     return outputs, finals, loss, tape.gradient(loss, [weights, x, self.init])
 
-  def run_stack(self, step, x=None, **kwargs):
-    """The same for `step` (a stack of `self.cells`) through the engine."""
+  def run_stack(self, step, x=None, runner=stepper.model_rnn, **kwargs):
+    """The same for `step` (a stack of `self.cells`) through `runner`."""
     x = self.x if x is None else x
     with tf.GradientTape() as tape:
       tape.watch([x, self.init])
-      outputs, finals = stepper.model_rnn(step, x, self.init, **kwargs)
+      outputs, finals = runner(step, x, self.init, **kwargs)
       loss = self.loss(outputs, finals)
     weights = [cell.trainable_variables for cell in self.cells]
     return outputs, finals, loss, tape.gradient(loss, [weights, x, self.init])
@@ -254,6 +255,22 @@ class StackMatchesKerasTest(tf.test.TestCase, parameterized.TestCase):
         (outs, finals, loss, w, dx),
         (expected_outs, expected_finals, expected_loss, expected_w,
          expected_dx))
+
+
+class StackChunksTest(tf.test.TestCase, parameterized.TestCase):
+
+  @parameterized.named_parameters(("plain", False), ("masked", True))
+  def test_stack_through_chunks_matches_full_run(self, masked):
+    control = _Control(("lstm", "gru"), (4, 3), "float64")
+    deep = stepper.stack(control.cells, return_all_outputs=True)
+    valid = np.ones((BATCH, TIME), bool)
+    valid[1, 2:] = False
+    mask = tf.constant(valid) if masked else None
+    chunked = control.run_stack(
+        deep, runner=lambda step, x, init, **kwargs: chunking.run_chunks(
+            step, x, 2, init, gradient="through", **kwargs), mask=mask)
+    full = control.run_stack(deep, mask=mask)
+    testing.assert_nests_close(chunked, full)
 
 
 class StackStructureTest(tf.test.TestCase, parameterized.TestCase):
