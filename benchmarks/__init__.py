@@ -1,0 +1,6 @@
+"""Benchmarks: `stepper.model_rnn` against Keras built-ins and hand-written loops.
+
+`python -m benchmarks.rnn --quick` times forward+backward and inference of
+every variant in one process, interleaved; `benchmarks.memory` measures peak
+memory of one variant per subprocess. See `benchmarks/rnn.py`.
+"""

@@ -1,0 +1,104 @@
+"""Peak memory of one variant, measured in a fresh subprocess.
+
+Method: the child runs TensorFlow with its BFC allocator on the CPU too
+(`TF_CPU_ALLOCATOR_USE_BFC=true`), so `tf.config.experimental.get_memory_info`
+counts every tensor and XLA buffer. It builds the variant and runs it once
+(tracing, XLA compilation, first-call allocations), resets the allocator's
+peak, runs the variant `--runs` more times, and reports the peak bytes in use
+above those in use before: the memory one call needs (activations kept for the
+gradient, buffers, temporaries). The resident set size of the child is
+reported too, before the first call and at its lifetime peak (`ru_maxrss`,
+including the TensorFlow import and compilation).
+
+    python -m benchmarks.memory '{"variant": "stepper", "config": "medium",
+        "time": 100, "mode": "train", "runs": 2, "chunk_size": 100}'
+
+The child takes one JSON argument (not flags, so that `benchmarks.rnn`, which
+imports this module, keeps its own flags) and prints one JSON line.
+"""
+
+import json
+import os
+import resource
+import subprocess
+import sys
+
+from absl import app
+
+METHOD = (
+    "one subprocess per variant with TF_CPU_ALLOCATOR_USE_BFC=true; after a "
+    "warm-up call, tf.config.experimental.reset_memory_stats, then the peak "
+    "of get_memory_info('CPU:0') over further calls minus the bytes in use "
+    "before them (tensors and XLA buffers one call needs); RSS: VmRSS before "
+    "the first call and ru_maxrss (lifetime, incl. TF import and compilation)")
+
+_MB = 1024.0 * 1024.0
+
+
+def _rss_mb() -> float:
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith("VmRSS:"):
+        return int(line.split()[1]) / 1024.0
+  raise RuntimeError("VmRSS not in /proc/self/status")
+
+
+def _measure_here(variant_name: str, config, mode: str, runs: int,
+                  chunk_size: int) -> dict:
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from benchmarks import variants  # pylint: disable=g-import-not-at-top
+  cell = variants.make_cell(config)
+  variant = variants.build(variant_name, config, cell, chunk_size)
+  fn = getattr(variant, mode)
+  x = variants.make_inputs(config)
+  rss_base = _rss_mb()
+  variants.force(fn(x))
+  tf.config.experimental.reset_memory_stats("CPU:0")
+  in_use = tf.config.experimental.get_memory_info("CPU:0")["current"]
+  for _ in range(runs):
+    variants.force(fn(x))
+  peak = tf.config.experimental.get_memory_info("CPU:0")["peak"]
+  lifetime_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  return {"tensor_peak_mb": (peak - in_use) / _MB, "rss_base_mb": rss_base,
+          "rss_peak_mb": lifetime_kb / 1024.0}
+
+
+def measure(variant: str, config_name: str, time: int, mode: str = "train",
+            runs: int = 2, chunk_size: int = 100,
+            timeout_s: float = 900) -> dict:
+  """Runs `python -m benchmarks.memory` for one variant; returns its report.
+
+  Returns:
+    `{"tensor_peak_mb", "rss_base_mb", "rss_peak_mb"}`, or
+    `{"error": message}` if the child failed.
+  """
+  env = dict(os.environ, TF_CPU_ALLOCATOR_USE_BFC="true",
+             TF_CPP_MIN_LOG_LEVEL="2")
+  spec = dict(variant=variant, config=config_name, time=time, mode=mode,
+              runs=runs, chunk_size=chunk_size)
+  command = [sys.executable, "-m", "benchmarks.memory", json.dumps(spec)]
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  try:
+    done = subprocess.run(command, env=env, cwd=root, capture_output=True,
+                          text=True, timeout=timeout_s, check=False)
+  except subprocess.TimeoutExpired:
+    return {"error": f"timed out after {timeout_s} s"}
+  lines = done.stdout.strip().splitlines()
+  if done.returncode != 0 or not lines:
+    return {"error": f"exit {done.returncode}: {done.stderr.strip()[-500:]}"}
+  return json.loads(lines[-1])
+
+
+def main(argv):
+  if len(argv) != 2:
+    raise app.UsageError("Expected one JSON argument; see the docstring.")
+  from benchmarks import variants  # pylint: disable=g-import-not-at-top
+  spec = json.loads(argv[1])
+  config = variants.CONFIGS[spec["config"]].with_time(spec["time"])
+  report = _measure_here(spec["variant"], config, spec["mode"], spec["runs"],
+                         spec["chunk_size"])
+  sys.stdout.write(json.dumps(report) + "\n")
+
+
+if __name__ == "__main__":
+  app.run(main)

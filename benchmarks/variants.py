@@ -1,0 +1,228 @@
+"""The competitors: one LSTM recurrence run by each tool under test.
+
+Every variant steps the same `keras.layers.LSTMCell` (the Keras built-ins
+`keras.layers.LSTM`/`GRU` bring their own fused kernels and weights), so the
+differences measured are the cost of the loop, not of the cell. Each variant
+is two functions of the input `x` `[batch, time, features]`:
+
+* `train(x)`: the loss `mean(outputs ** 2)` and the gradients of every
+  trainable weight (forward+backward);
+* `infer(x)`: the sum of the outputs (forward only; a scalar, so fetching the
+  result costs the same for every variant).
+"""
+
+import dataclasses
+from typing import Callable
+
+import keras
+import tensorflow as tf
+
+import stepper
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """A benchmark problem: an LSTM with `units` on `[batch, time, features]`."""
+  name: str
+  batch: int
+  time: int
+  units: int
+  features: int
+
+  def with_time(self, time: int) -> "Config":
+    return dataclasses.replace(self, time=time)
+
+
+CONFIGS = {
+    # Loop overhead dominates: a tiny step, many steps.
+    "small": Config("small", batch=16, time=1000, units=32, features=32),
+    "medium": Config("medium", batch=32, time=100, units=128, features=128),
+    "large": Config("large", batch=64, time=500, units=256, features=256),
+    # For smoke tests and `--quick`.
+    "tiny": Config("tiny", batch=4, time=20, units=8, features=8),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  """A runnable competitor for one config."""
+  name: str
+  train: Callable[[tf.Tensor], object]
+  infer: Callable[[tf.Tensor], object]
+
+
+def _loss(outputs: tf.Tensor) -> tf.Tensor:
+  return tf.reduce_mean(tf.square(outputs))
+
+
+def _trainer(forward: Callable, weights: list) -> Callable:
+  def train(x):
+    with tf.GradientTape() as tape:
+      loss = _loss(forward(x))
+    return loss, tape.gradient(loss, weights)
+  return train
+
+
+def _inferer(forward: Callable) -> Callable:
+  return lambda x: tf.reduce_sum(forward(x))
+
+
+def _time_major(x: tf.Tensor) -> tf.Tensor:
+  return tf.transpose(x, [1, 0, 2])
+
+
+def hand_written_loop(cell: keras.layers.Layer, x: tf.Tensor) -> tf.Tensor:
+  """The floor: a minimal `tf.while_loop` + `TensorArray` around the cell."""
+  xs = _time_major(x)
+  time = xs.shape[0] if xs.shape[0] is not None else tf.shape(xs)[0]
+  inputs = tf.TensorArray(x.dtype, size=time).unstack(xs)
+  outputs = tf.TensorArray(x.dtype, size=time)
+  states = cell.get_initial_state(batch_size=tf.shape(x)[0])
+
+  def body(t, states, outputs):
+    y, states = cell(inputs.read(t), states)
+    return t + 1, states, outputs.write(t, y)
+
+  _, _, outputs = tf.while_loop(lambda t, *_: t < time, body,
+                                (0, states, outputs), maximum_iterations=time)
+  return _time_major(outputs.stack())
+
+
+def _scan(cell: keras.layers.Layer, x: tf.Tensor) -> tf.Tensor:
+  states = cell.get_initial_state(batch_size=tf.shape(x)[0])
+  y0 = tf.zeros_like(states[0])
+
+  def fn(carry, x_t):
+    return cell(x_t, carry[1])
+
+  outputs, _ = tf.scan(fn, _time_major(x), initializer=(y0, states))
+  return _time_major(outputs)
+
+
+def _eager_loop(cell: keras.layers.Layer, x: tf.Tensor) -> tf.Tensor:
+  states = cell.get_initial_state(batch_size=x.shape[0])
+  outputs = []
+  for x_t in tf.unstack(x, axis=1):
+    y, states = cell(x_t, states)
+    outputs.append(y)
+  return tf.stack(outputs, axis=1)
+
+
+def _model_rnn(cell: keras.layers.Layer, x: tf.Tensor) -> tf.Tensor:
+  return stepper.model_rnn(cell, x)[0]
+
+
+def _run_chunks(gradient: str, chunk_size: int) -> Callable:
+  def forward(cell, x):
+    return stepper.run_chunks(cell, x, chunk_size, gradient=gradient)[0]
+  return forward
+
+
+def _graph(forward: Callable, cell: keras.layers.Layer, *,
+           jit_compile: bool = False) -> tuple[Callable, Callable]:
+  fwd = lambda x: forward(cell, x)
+  return (tf.function(_trainer(fwd, cell.trainable_variables),
+                      jit_compile=jit_compile),
+          tf.function(_inferer(fwd), jit_compile=jit_compile))
+
+
+def _keras_rnn(cell: keras.layers.Layer) -> tuple[Callable, Callable]:
+  layer = keras.layers.RNN(cell, return_sequences=True)
+  return _graph(lambda _, x: layer(x), cell)
+
+
+def _builtin(layer_class: type, config: Config) -> tuple[Callable, Callable]:
+  layer = layer_class(config.units, return_sequences=True)
+  layer.build((config.batch, config.time, config.features))
+  return (tf.function(_trainer(layer, layer.trainable_variables)),
+          tf.function(_inferer(layer)))
+
+
+# name -> (description, builder(config, cell, chunk_size) -> (train, infer)).
+_BUILDERS = {
+    "while_loop": (
+        "hand-written tf.while_loop + TensorArray (the floor)",
+        lambda c, cell, k: _graph(hand_written_loop, cell)),
+    "keras_lstm": (
+        "keras.layers.LSTM (own fused kernel; cuDNN on GPU)",
+        lambda c, cell, k: _builtin(keras.layers.LSTM, c)),
+    "keras_gru": (
+        "keras.layers.GRU (a GRU: 3 gates, not 4; cuDNN on GPU)",
+        lambda c, cell, k: _builtin(keras.layers.GRU, c)),
+    "keras_rnn": (
+        "keras.layers.RNN(LSTMCell)",
+        lambda c, cell, k: _keras_rnn(cell)),
+    "eager_loop": (
+        "Python loop, eager",
+        lambda c, cell, k: (
+            _trainer(lambda x: _eager_loop(cell, x), cell.trainable_variables),
+            _inferer(lambda x: _eager_loop(cell, x)))),
+    "tf_scan": (
+        "tf.scan",
+        lambda c, cell, k: _graph(_scan, cell)),
+    "stepper": (
+        "stepper.model_rnn in tf.function",
+        lambda c, cell, k: _graph(_model_rnn, cell)),
+    "stepper_xla": (
+        "stepper.model_rnn in tf.function(jit_compile=True)",
+        lambda c, cell, k: _graph(_model_rnn, cell, jit_compile=True)),
+    "while_loop_xla": (
+        "the hand-written loop in tf.function(jit_compile=True)",
+        lambda c, cell, k: _graph(hand_written_loop, cell, jit_compile=True)),
+    "run_chunks_through": (
+        "stepper.run_chunks(gradient='through') in tf.function",
+        lambda c, cell, k: _graph(_run_chunks("through", k), cell)),
+    "run_chunks_truncate": (
+        "stepper.run_chunks(gradient='truncate') in tf.function",
+        lambda c, cell, k: _graph(_run_chunks("truncate", k), cell)),
+}
+
+NAMES = tuple(_BUILDERS)
+FLOOR = "while_loop"
+
+
+def describe(name: str) -> str:
+  return _BUILDERS[name][0]
+
+
+def unavailable(name: str) -> str | None:
+  """Why a variant cannot run in this checkout, or None if it can."""
+  if name.startswith("run_chunks") and not hasattr(stepper, "run_chunks"):
+    return "stepper.run_chunks does not exist in this checkout"
+  return None
+
+
+def make_cell(config: Config, seed: int = 0) -> keras.layers.LSTMCell:
+  """The LSTM cell shared by the loop variants, built for `config`."""
+  keras.utils.set_random_seed(seed)
+  cell = keras.layers.LSTMCell(config.units)
+  cell.build((config.batch, config.features))
+  return cell
+
+
+def make_inputs(config: Config, seed: int = 0) -> tf.Tensor:
+  return tf.random.stateless_normal(
+      [config.batch, config.time, config.features], seed=[seed, 1])
+
+
+def build(name: str, config: Config, cell: keras.layers.Layer,
+          chunk_size: int) -> Variant:
+  """Builds variant `name` for `config` around `cell`.
+
+  Raises:
+    ValueError: For an unknown name or a variant that cannot run here.
+  """
+  if name not in _BUILDERS:
+    raise ValueError(f"Unknown variant {name!r}; expected one of {NAMES}.")
+  reason = unavailable(name)
+  if reason:
+    raise ValueError(f"Variant {name!r} cannot run: {reason}.")
+  train, infer = _BUILDERS[name][1](config, cell, min(chunk_size, config.time))
+  return Variant(name, train, infer)
+
+
+def force(result: object) -> None:
+  """Waits for every tensor in `result` (copies scalars/small grads to host)."""
+  for leaf in tf.nest.flatten(result):
+    if leaf is not None:
+      leaf.numpy()

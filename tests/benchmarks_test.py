@@ -1,0 +1,104 @@
+"""Smoke tests of the benchmark app (`benchmarks/`): tiny flags, no timing."""
+
+import json
+import os
+import subprocess
+import sys
+
+from absl.testing import parameterized
+import tensorflow as tf
+
+from benchmarks import memory
+from benchmarks import report
+from benchmarks import rnn
+from benchmarks import variants
+from stepper import testing
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_TINY = variants.Config("tiny", batch=2, time=5, units=3, features=4)
+_LOOPS = ("keras_rnn", "eager_loop", "tf_scan", "stepper", "stepper_xla",
+          "while_loop_xla")
+
+
+class VariantsTest(parameterized.TestCase):
+
+  @parameterized.named_parameters((name, name) for name in _LOOPS)
+  def test_loop_variant_matches_hand_written_loop(self, name):
+    # The benchmark compares loops around one cell: each must compute the same
+    # loss and gradients as the floor, or the timings compare unlike work.
+    cell = variants.make_cell(_TINY)
+    x = variants.make_inputs(_TINY)
+    expected = variants.build("while_loop", _TINY, cell, 2).train(x)
+    actual = variants.build(name, _TINY, cell, 2).train(x)
+    testing.assert_nests_close(actual, expected, rtol=1e-5, atol=1e-7)
+
+  def test_build_raises_on_unknown_variant(self):
+    with self.assertRaisesRegex(ValueError, "Unknown variant 'nope'"):
+      variants.build("nope", _TINY, variants.make_cell(_TINY), 2)
+
+
+class RunTest(tf.test.TestCase):
+
+  def test_run_reports_every_variant_and_the_sweep(self):
+    options = rnn.Options(
+        configs=["tiny"], variants=["while_loop", "stepper", "keras_lstm"],
+        modes=["train", "infer"], repeats=2, warmup=1, sweep=True,
+        sweep_config="tiny", sweep_times=[4, 8],
+        sweep_variants=["while_loop", "stepper"], sweep_repeats=1)
+    results = rnn.run(options)
+    json.dumps(results)  # JSON-able.
+    entry = results["configs"]["tiny"]["variants"]
+    self.assertEqual(list(entry), ["while_loop", "stepper", "keras_lstm"])
+    for name in entry:
+      for mode in ("train", "infer"):
+        self.assertLen(entry[name][mode]["times_s"], 2)
+        self.assertGreater(entry[name][mode]["median_s"], 0)
+    self.assertEqual(entry["while_loop"]["train"]["ratio_median"], 1.0)
+    sweep = results["sweep"]["variants"]["stepper"]
+    self.assertLen(sweep["per_step_us"], 2)
+    self.assertIn("time_exponent", sweep)
+    self.assertEqual(
+        results["entry_overhead"]["traces_for_3_shapes_with_input_signature"],
+        1)
+    table = report.markdown(results)
+    self.assertIn("| stepper |", table)
+    self.assertIn("time exponent", table)
+
+  def test_memory_measures_a_variant_in_a_subprocess(self):
+    result = memory.measure("stepper", "tiny", 6, runs=1)
+    self.assertNotIn("error", result)
+    self.assertGreater(result["tensor_peak_mb"], 0)
+    self.assertGreater(result["rss_peak_mb"], result["tensor_peak_mb"])
+
+  def test_app_writes_json_table_and_readme(self):
+    tmp = self.get_temp_dir()
+    readme = os.path.join(tmp, "README.md")
+    with open(readme, "w") as f:
+      f.write(f"# title\n{report.START}\nold\n{report.END}\nkept\n")
+    output = os.path.join(tmp, "out", "cpu.json")
+    subprocess.run(
+        [sys.executable, "-m", "benchmarks.rnn", "--configs=tiny",
+         "--variants=while_loop,stepper", "--modes=train", "--repeats=1",
+         "--warmup=1", f"--output={output}", "--update_readme",
+         f"--readme={readme}"],
+        cwd=_ROOT, check=True, capture_output=True,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    with open(output) as f:
+      self.assertIn("tiny", json.load(f)["configs"])
+    with open(readme) as f:
+      text = f.read()
+    self.assertStartsWith(text, "# title\n")
+    self.assertEndsWith(text, f"{report.END}\nkept\n")
+    self.assertIn("| stepper |", text)
+    self.assertNotIn("old", text)
+
+  def test_update_readme_raises_on_missing_markers(self):
+    readme = os.path.join(self.get_temp_dir(), "README.md")
+    with open(readme, "w") as f:
+      f.write("no markers\n")
+    with self.assertRaisesRegex(ValueError, "has no <!-- benchmark:start -->"):
+      report.update_readme(readme, "table")
+
+
+if __name__ == "__main__":
+  tf.test.main()
