@@ -1,0 +1,667 @@
+"""`Trainer`: the outer training loop around the engine.
+
+The engine (`model_rnn`) is the inner loop over time; `Trainer` is the loop
+over batches that users run: it streams `(inputs, targets)` from a `tf.data`
+dataset, computes the loss over every step, applies the optimizer (once per
+batch with full BPTT, once per window with truncated BPTT), shows a
+`keras.utils.Progbar`, writes TensorBoard scalars, checkpoints everything
+needed to resume bit for bit, and runs under any `tf.distribute.Strategy`.
+
+Truncated BPTT(k2; k1) (Williams & Peng), `tbptt=(k1, k2)`::
+
+    steps:    0 1 2 3 | 4 5 6 7 | 8 9 ...           k1 = 4, k2 = 6
+    update 0: [ loss  ]                            grad back to step 0
+    update 1:     [ <-grad- | loss  ]              grad back to step 2
+    update 2:               [  <-grad- | loss ]    grad back to step 6
+
+Update `j` takes the loss on the `k1` new steps `[j*k1, (j+1)*k1)` and
+backpropagates `k2` steps, to step `(j+1)*k1 - k2`, whose entering state is a
+constant; exactly the gradient `stepper.tbptt.updates` defines.
+"""
+
+import collections
+import time as time_lib
+from typing import Any, Callable, Iterable, Sequence
+
+import keras
+import tensorflow as tf
+from tensorflow.core.framework import summary_pb2
+
+from stepper import _checks
+from stepper import engine
+from stepper import steps as steps_lib
+from stepper import tbptt as tbptt_lib
+
+Nest = Any
+
+_SUM = tf.distribute.ReduceOp.SUM
+# What `tf.summary.scalar` writes, without needing the tensorboard package
+# (not a dependency): TensorBoard's scalars plugin reads these.
+_SCALAR_METADATA = summary_pb2.SummaryMetadata(
+    plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"),
+    data_class=summary_pb2.DATA_CLASS_SCALAR).SerializeToString()
+
+
+class Trainer:
+  """Trains a step model (or a stack) plus an optional Keras head.
+
+  >>> x_t, h = keras.Input((2,)), keras.Input((16,))
+  >>> y_t, new_h = keras.layers.GRUCell(16)(x_t, [h])
+  >>> step = keras.Model([x_t, h], [y_t, new_h[0]])
+  >>> trainer = stepper.Trainer(step, keras.layers.Dense(1), loss="mse",
+  ...                           optimizer=keras.optimizers.Adam(1e-2))
+  >>> dataset = tf.data.Dataset.from_tensor_slices(
+  ...     (tf.random.normal([64, 20, 2]), tf.random.normal([64, 1]))).batch(16)
+  >>> history = trainer.fit(dataset, epochs=2)
+  >>> history["loss"]            # one mean training loss per epoch
+  [1.07..., 1.01...]
+
+  Dataset elements are `(inputs, targets)`. `inputs` is a tensor or nest,
+  each leaf `[batch, time, ...]`. `targets` is either per step,
+  `[batch, time, ...]` shaped like the predictions, or (full BPTT only)
+  sequence-level, `[batch, ...]` shaped like the last step's prediction. For
+  sparse labels (integer targets) the predictions' last dimension is dropped
+  from the expected shape. A float target that fits both readings (e.g.
+  `[batch, 5]` against per-step predictions `[batch, time=5, 1]` and last-step
+  predictions `[batch, 5]`) is read as sequence-level.
+
+  Under a `tf.distribute.Strategy`, build the step model and the head and
+  create the optimizer inside `strategy.scope()` (as for `keras.Model.fit`).
+  Layers that build lazily (RNN cells, `Dense`) are built by the trainer
+  inside the scope.
+
+  Attributes:
+    history: Dict of lists: `loss` (the mean training loss of each epoch),
+      `val_loss` with `validation_data`, accumulated over `fit` calls.
+    stop_training: Set to True (e.g. by a callback) to end `fit` after the
+      current step.
+  """
+
+  def __init__(self, step: Any, head: keras.layers.Layer | None = None, *,
+               loss: Any, optimizer: keras.optimizers.Optimizer,
+               tbptt: tuple[int, int] | None = None,
+               gradient_clip_norm: float | None = None,
+               strategy: tf.distribute.Strategy | None = None,
+               logdir: str | None = None,
+               checkpoint_dir: str | None = None,
+               jit_compile: bool = False):
+    """Configures the training loop; nothing runs or builds yet.
+
+    Args:
+      step: A Keras step model, a Keras RNN cell, a callable or a `Step`
+        (e.g. from `stepper.stack`); see `stepper.steps`.
+      head: Optional Keras layer applied to every step's output `y_t`
+        (`[batch, ...]`), e.g. a `Dense` readout.
+      loss: A Keras loss (object or name) or a callable
+        `(y_true, y_pred) -> per-example loss` on one step, `[batch, ...]`.
+        The training loss is its mean over steps and batch.
+      optimizer: A `keras.optimizers.Optimizer`.
+      tbptt: `None` for full BPTT, or `(k1, k2)` with `1 <= k1 <= k2`: an
+        optimizer update every `k1` steps, backpropagating `k2` steps.
+      gradient_clip_norm: Clip the gradient of each update to this global
+        norm (`tf.clip_by_global_norm`), after summing over replicas.
+      strategy: A `tf.distribute.Strategy`; defaults to the current one.
+      logdir: Directory for TensorBoard scalars (`loss`, `grad_norm`,
+        `learning_rate` per update; `val_loss` per epoch). None: no logs.
+      checkpoint_dir: Directory for `tf.train.CheckpointManager`. The first
+        `fit` restores the latest checkpoint there (model, optimizer, step
+        counter, data iterator); every epoch ends with a save.
+      jit_compile: Compile the loss-and-gradient computation with XLA.
+
+    Raises:
+      TypeError: If `loss` is not callable, `optimizer` is not a Keras
+        optimizer, or `strategy` is not a `tf.distribute.Strategy`.
+      ValueError: If `tbptt` is not `None` or `(k1, k2)` with
+        `1 <= k1 <= k2`, or `gradient_clip_norm` is not positive.
+    """
+    self._strategy = _check_strategy(strategy)
+    self._step = steps_lib.as_step(step)
+    self._head = head
+    self._model = _with_head(self._step, head)
+    self._loss = _per_example_loss(loss)
+    self._optimizer = _check_optimizer(optimizer)
+    self._tbptt = _check_tbptt(tbptt)
+    self._clip = _check_clip_norm(gradient_clip_norm)
+    if jit_compile and self._tbptt is not None:
+      raise ValueError(
+          "`jit_compile=True` needs `tbptt=None`: truncated BPTT slices "
+          "windows at run-time offsets, which XLA cannot compile.")
+    self._logdir = logdir
+    self._writer = None
+    self._checkpoint_dir = checkpoint_dir
+    self._jit_compile = bool(jit_compile)
+    with self._strategy.scope():
+      self._global_step = tf.Variable(0, dtype=tf.int64, trainable=False,
+                                      name="global_step")
+    self._trainable = None  # Set by `_build`.
+    self._resumed = False  # The first `fit` restores the latest checkpoint.
+    self._traces = collections.Counter()
+    self._train_function = tf.function(self._train_step)
+    # Tensors, not the iterator: the window index is an argument, so every
+    # update of every sequence of one shape reuses one trace.
+    self._update_function = tf.function(self._tbptt_step,
+                                        reduce_retracing=True)
+    self._updater = None  # A `tbptt.Updater`, set by `_build`.
+    self._eval_function = tf.function(self._eval_step)
+    self._grads = tf.function(self._loss_and_grads, jit_compile=True) if (
+        self._jit_compile) else self._loss_and_grads
+    self.history = collections.defaultdict(list)
+    self.stop_training = False
+
+  @property
+  def global_step(self) -> int:
+    """Optimizer updates made so far (restored from checkpoints)."""
+    return int(self._global_step.numpy())
+
+  @property
+  def trace_counts(self) -> dict[str, int]:
+    """How often each compiled function was traced: `train`, `evaluate`."""
+    return dict(self._traces)
+
+  @property
+  def trainable_variables(self) -> list[tf.Variable]:
+    """The step's and the head's trainable variables (after `fit`)."""
+    return list(self._trainable or [])
+
+  def fit(self, dataset: tf.data.Dataset, epochs: int = 1,
+          steps: int | None = None,
+          validation_data: tf.data.Dataset | None = None,
+          callbacks: Sequence[keras.callbacks.Callback] | None = None,
+          verbose: int = 1) -> dict[str, list[float]]:
+    """Trains for `epochs` more epochs.
+
+    Args:
+      dataset: `tf.data.Dataset` of `(inputs, targets)` batches (see the
+        class docstring).
+      epochs: Number of epochs to run in this call.
+      steps: Batches per epoch. `None`: one pass over `dataset` per epoch
+        (a fresh iterator each epoch). With `steps`, one iterator runs across
+        epochs (repeat the dataset) and an epoch also ends if it runs out.
+      validation_data: Optional dataset like `dataset`, evaluated after every
+        epoch into `history["val_loss"]`.
+      callbacks: Keras callbacks; they receive `on_train_begin/end`,
+        `on_epoch_begin/end` and `on_train_batch_begin/end` with logs
+        `loss`, `grad_norm`, `learning_rate` per step (`loss`, `val_loss`
+        per epoch). `callback.model` is this trainer.
+      verbose: 1 shows a Progbar per epoch; 0 is silent.
+
+    Returns:
+      `history`, a dict of lists.
+
+    Raises:
+      ValueError: If the dataset's elements are not `(inputs, targets)` with
+        inputs `[batch, time, ...]`, the targets do not match the
+        predictions, or `epochs`/`steps` are not positive.
+    """
+    _checks.check_positive_int(epochs, "epochs")
+    if steps is not None:
+      _checks.check_positive_int(steps, "steps")
+    self._check_dataset(dataset, "dataset")
+    if validation_data is not None:
+      self._check_dataset(validation_data, "validation_data")
+    self._build(dataset.element_spec)
+    iterator = self._iterator(dataset)
+    manager = self._checkpoint_manager(iterator, restore=not self._resumed)
+    self._resumed = True
+    callbacks = _Callbacks(callbacks, self)
+    self.stop_training = False
+    callbacks.call("on_train_begin")
+    for epoch in range(epochs):
+      logs = self._run_epoch(iterator, epoch, epochs, steps, callbacks,
+                             verbose)
+      if validation_data is not None:
+        logs["val_loss"] = self.evaluate(validation_data)["loss"]
+        self._write_scalars({"val_loss": logs["val_loss"]})
+      for key, value in logs.items():
+        self.history[key].append(value)
+      if steps is None:  # The next epoch's pass, saved at its start.
+        iterator = self._iterator(dataset)
+        manager = self._checkpoint_manager(iterator, restore=False)
+      if manager is not None:
+        manager.save(checkpoint_number=self._global_step)
+      callbacks.call("on_epoch_end", epoch, logs)
+      if self.stop_training:
+        break
+    callbacks.call("on_train_end")
+    return dict(self.history)
+
+  def evaluate(self, dataset: tf.data.Dataset) -> dict[str, float]:
+    """The loss over a whole dataset (no training), as `{"loss": mean}`.
+
+    The mean is over every step and example of the dataset (batches are
+    weighted by their size). With truncated BPTT the sequence is run in one
+    pass: the carried state is exactly the truncated run's forward state.
+
+    Raises:
+      ValueError: As in `fit`, for a malformed dataset.
+    """
+    self._check_dataset(dataset, "dataset")
+    self._build(dataset.element_spec)
+    iterator = self._iterator(dataset)
+    total = count = 0.0
+    while True:
+      try:
+        batch_sum, batch_count = self._eval_function(iterator)
+      except (StopIteration, tf.errors.OutOfRangeError):
+        break
+      total += float(batch_sum)
+      count += float(batch_count)
+    if count == 0:
+      raise ValueError("`dataset` is empty; nothing to evaluate.")
+    return {"loss": total / count}
+
+  def predict(self, inputs: Nest, training: bool = False) -> Nest:
+    """The head's prediction at every step, `[batch, time, ...]`."""
+    outputs, _ = engine.model_rnn(self._model, inputs, training=training)
+    return outputs
+
+  # Building and checkpoints.
+
+  def _build(self, element_spec: tuple) -> None:
+    """Creates every variable (inside the strategy's scope) with one
+    1-step run on zeros, then the optimizer's slots."""
+    if self._trainable is not None:
+      return
+    inputs_spec = element_spec[0]
+    zeros = tf.nest.map_structure(
+        lambda s: tf.zeros([1, 1] + s.shape[2:].as_list(), s.dtype),
+        inputs_spec)
+    with self._strategy.scope():
+      engine.model_rnn(self._model, zeros)
+      self._trainable = _unique(self._step.trainable_variables + (
+          list(self._head.trainable_variables) if self._head is not None
+          else []))
+      if not self._trainable:
+        raise ValueError(f"{self._step.name} and the head have no trainable "
+                         "variables; there is nothing to train.")
+      self._optimizer.build(self._trainable)
+    if self._tbptt is not None:
+      k1, k2 = self._tbptt
+      self._updater = tbptt_lib.Updater(self._model, self._loss, k1=k1, k2=k2,
+                                        variables=self._trainable,
+                                        training=True)
+
+  def _variables(self) -> list:
+    return _unique(self._step.variables + (
+        list(self._head.variables) if self._head is not None else []))
+
+  def _checkpoint_manager(self, iterator, restore: bool):
+    """A manager over the model, optimizer, step counter and `iterator`;
+    with `restore`, continues from the latest checkpoint."""
+    if self._checkpoint_dir is None:
+      return None
+    parts = dict(variables=self._variables(), optimizer=self._optimizer,
+                 global_step=self._global_step)
+    if isinstance(iterator, tf.data.Iterator):
+      parts["iterator"] = iterator
+    checkpoint = tf.train.Checkpoint(**parts)
+    manager = tf.train.CheckpointManager(checkpoint, self._checkpoint_dir,
+                                         max_to_keep=3)
+    if restore and manager.latest_checkpoint:
+      checkpoint.restore(manager.latest_checkpoint).assert_consumed()
+    return manager
+
+  def _iterator(self, dataset: tf.data.Dataset):
+    return iter(self._strategy.experimental_distribute_dataset(dataset))
+
+  # The epoch loop.
+
+  def _run_epoch(self, iterator, epoch: int, epochs: int, steps: int | None,
+                 callbacks: "_Callbacks", verbose: int) -> dict[str, float]:
+    if verbose:
+      print(f"Epoch {epoch + 1}/{epochs}")
+    progbar = keras.utils.Progbar(steps, verbose=verbose,
+                                  stateful_metrics=["steps/s"])
+    callbacks.call("on_epoch_begin", epoch)
+    losses = []
+    start = time_lib.perf_counter()
+    while steps is None or len(losses) < steps:
+      callbacks.call("on_train_batch_begin", len(losses))
+      try:
+        updates = self._train_batch(iterator)
+      except (StopIteration, tf.errors.OutOfRangeError):
+        break
+      for loss, grad_norm in updates:
+        logs = dict(loss=float(loss), grad_norm=float(grad_norm),
+                    learning_rate=float(self._optimizer.learning_rate))
+        self._write_scalars(logs)
+      # One batch: the mean over its updates (k1-step windows).
+      logs["loss"] = sum(float(loss) for loss, _ in updates) / len(updates)
+      losses.append(logs["loss"])
+      rate = len(losses) / (time_lib.perf_counter() - start)
+      progbar.update(len(losses), [("loss", logs["loss"]),
+                                   ("steps/s", rate)])
+      callbacks.call("on_train_batch_end", len(losses) - 1, logs)
+      if self.stop_training:
+        break
+    if not losses:
+      raise ValueError(
+          "`dataset` produced no batch in this epoch. Pass a non-empty "
+          "dataset; with `steps`, repeat it (`dataset.repeat()`).")
+    if steps is None and verbose:
+      progbar.update(len(losses), finalize=True)
+    return {"loss": sum(losses) / len(losses)}
+
+  def _write_scalars(self, scalars: dict[str, float]) -> None:
+    if self._logdir is None:
+      return
+    if self._writer is None:
+      self._writer = tf.summary.create_file_writer(self._logdir)
+    with self._writer.as_default(step=int(self._global_step.numpy())):
+      for name, value in scalars.items():
+        tf.summary.write(name, tf.constant(value, tf.float32),
+                         metadata=_SCALAR_METADATA)
+
+  # Compiled functions: one trace per dataset element spec.
+
+  def _train_batch(self, iterator) -> list[tuple[tf.Tensor, tf.Tensor]]:
+    """Trains on the next batch: `(loss, grad_norm)` for every update.
+
+    Raises:
+      StopIteration, tf.errors.OutOfRangeError: If `iterator` is exhausted.
+    """
+    if self._tbptt is None:
+      return [self._train_function(iterator)]
+    inputs, targets = next(iterator)
+    states = self._strategy.run(self._start_states, (inputs,))
+    first = self._strategy.experimental_local_results(
+        tf.nest.flatten(inputs)[0])[0]
+    updates = []
+    for j in range(-(-first.shape[1] // self._tbptt[0])):
+      loss, grad_norm, states = self._update_function(
+          inputs, targets, states, tf.constant(j))
+      updates.append((loss, grad_norm))
+    return updates
+
+  def _start_states(self, inputs: Nest) -> Nest:
+    batch = tf.shape(tf.nest.flatten(inputs)[0])[0]
+    return self._model.initial_state(batch)
+
+  def _tbptt_step(self, inputs: Nest, targets: tf.Tensor, states: Nest,
+                  j: tf.Tensor):
+    """Update `j` of truncated BPTT on one batch of sequences.
+
+    Returns:
+      `(loss_j, grad_norm, next_states)`; `next_states` (per replica)
+      enter update `j + 1`'s window.
+    """
+    self._traces["train"] += 1  # Runs only while tracing.
+    loss, grad_norm, states = self._strategy.run(
+        self._replica_tbptt_update, (inputs, targets, states, j))
+    with tf.control_dependencies(tf.nest.flatten(loss)):
+      self._global_step.assign_add(1)
+    return (self._strategy.reduce(_SUM, loss, axis=None),
+            self._strategy.reduce(tf.distribute.ReduceOp.MEAN, grad_norm,
+                                  axis=None), states)
+
+  def _replica_tbptt_update(self, inputs: Nest, targets: tf.Tensor,
+                            states: Nest, j: tf.Tensor):
+    """`tbptt.Updater`'s update `j` on this replica's rows, then applied."""
+    ctx = tf.distribute.get_replica_context()
+    self._targets_per_step(inputs, targets)  # Checks the targets' shape.
+    time_major = lambda x: engine._swap_batch_time(x)  # pylint: disable=protected-access
+    loss, grads, next_states, _ = self._updater._update(  # pylint: disable=protected-access
+        tf.nest.map_structure(time_major, inputs), time_major(targets),
+        states, j)
+    # `loss` is this replica's mean; weight it by its share of the rows.
+    rows = tf.cast(tf.shape(targets)[0], loss.dtype)
+    share = rows / ctx.all_reduce(_SUM, rows)
+    grad_norm = self._apply([g * share for g in grads], ctx)
+    return loss * share, grad_norm, next_states
+
+  def _train_step(self, iterator) -> tuple[tf.Tensor, tf.Tensor]:
+    self._traces["train"] += 1  # Runs only while tracing.
+    inputs, targets = next(iterator)
+    loss, grad_norm = self._strategy.run(self._replica_update,
+                                         (inputs, targets))
+    # After the update: no count for a call that found the data exhausted.
+    with tf.control_dependencies(tf.nest.flatten(loss)):
+      self._global_step.assign_add(1)
+    return (self._strategy.reduce(_SUM, loss, axis=None),
+            self._strategy.reduce(tf.distribute.ReduceOp.MEAN, grad_norm,
+                                  axis=None))
+
+  def _replica_update(self, inputs: Nest, targets: tf.Tensor):
+    """One optimizer update on this replica's share of the batch.
+
+    Returns this replica's share of the global mean loss (the shares sum to
+    it) and the global gradient norm before clipping.
+    """
+    ctx = tf.distribute.get_replica_context()
+    loss_sum, count, grads = self._grads(inputs, targets)
+    total = ctx.all_reduce(_SUM, count)
+    grad_norm = self._apply(
+        [None if g is None else g / total for g in grads], ctx)
+    return loss_sum / total, grad_norm
+
+  def _apply(self, grads: list, ctx: tf.distribute.ReplicaContext):
+    """Clips and applies this replica's share of the gradient.
+
+    Each replica's gradient is its share of the global mean's gradient; the
+    optimizer sums the shares over replicas. Returns the global norm before
+    clipping.
+    """
+    grad_norm = _global_norm(grads, ctx)
+    if self._clip is not None:
+      factor = self._clip / tf.maximum(grad_norm, self._clip)
+      grads = [None if g is None else g * factor for g in grads]
+    self._optimizer.apply(grads, self._trainable)
+    return grad_norm
+
+  def _loss_and_grads(self, inputs: Nest, targets: tf.Tensor):
+    """Sum of per-example losses, their count, and the sum's gradient."""
+    with tf.GradientTape() as tape:
+      loss_sum, count = self._loss_sum(inputs, targets, training=True)
+    return loss_sum, count, tape.gradient(loss_sum, self._trainable)
+
+  def _eval_step(self, iterator) -> tuple[tf.Tensor, tf.Tensor]:
+    self._traces["evaluate"] += 1
+    inputs, targets = next(iterator)
+    loss_sum, count = self._strategy.run(
+        lambda x, y: self._loss_sum(x, y, training=False), (inputs, targets))
+    return (self._strategy.reduce(_SUM, loss_sum, axis=None),
+            self._strategy.reduce(_SUM, count, axis=None))
+
+  def _loss_sum(self, inputs: Nest, targets: tf.Tensor,
+                training: bool) -> tuple[tf.Tensor, tf.Tensor]:
+    """The summed per-example loss over steps and batch, and its count."""
+    per_step = self._targets_per_step(inputs, targets)
+    outputs, _ = engine.model_rnn(self._model, inputs, training=training,
+                                  return_sequences=per_step)
+    if per_step:  # Every step is an example for the loss: fold time.
+      outputs, targets = _fold_time(outputs), _fold_time(targets)
+    per_example = tf.convert_to_tensor(self._loss(targets, outputs))
+    per_example = tf.cast(per_example, outputs.dtype)
+    return (tf.reduce_sum(per_example),
+            tf.cast(tf.size(per_example), outputs.dtype))
+
+  # Validation.
+
+  def _check_dataset(self, dataset: Any, name: str) -> None:
+    """Elements must be `(inputs, targets)`, inputs `[batch, time, ...]`."""
+    if not isinstance(dataset, tf.data.Dataset):
+      raise TypeError(f"`{name}` must be a tf.data.Dataset of (inputs, "
+                      f"targets) batches; got {type(dataset).__name__}.")
+    spec = dataset.element_spec
+    if not isinstance(spec, tuple) or len(spec) != 2:
+      raise ValueError(
+          f"`{name}` elements must be pairs (inputs, targets); got elements "
+          f"{spec}.")
+    inputs_spec, targets_spec = spec
+    for path, s in zip(_checks.leaf_paths(inputs_spec, f"{name} inputs"),
+                       tf.nest.flatten(inputs_spec)):
+      _checks.check_rank_at_least(s, 3, path, "[batch, time, ...]")
+      if not s.shape[2:].is_fully_defined():
+        raise ValueError(f"{path} has shape {_checks.shape_str(s.shape)}; "
+                         "the dimensions after [batch, time] must be known.")
+      if self._tbptt is not None and s.shape[1] is None:
+        raise ValueError(
+            f"{path} has shape {_checks.shape_str(s.shape)}; truncated BPTT "
+            "needs a static number of time steps (it sets the windows).")
+    if not isinstance(targets_spec, tf.TensorSpec):
+      raise ValueError(f"`{name}` targets must be one tensor; got "
+                       f"{targets_spec}.")
+
+  def _targets_per_step(self, inputs: Nest, targets: tf.Tensor) -> bool:
+    """Whether `targets` are per step (else sequence-level); see the class
+    docstring for the rule. Raises a ValueError if they fit neither."""
+    flat = tf.nest.flatten(inputs)
+    batch, time = flat[0].shape[0], flat[0].shape[1]
+    x_spec = tf.nest.map_structure(
+        lambda x: tf.TensorSpec([batch] + x.shape[2:].as_list(), x.dtype),
+        inputs)
+    state_spec = tf.nest.map_structure(
+        lambda s: tf.TensorSpec(s.shape, s.dtype),
+        self._model.initial_state(1 if batch is None else batch))
+    y_spec, _ = self._model.output_spec(x_spec, state_spec, True)
+    if not isinstance(y_spec, tf.TensorSpec):
+      raise ValueError(
+          f"The predictions are nested ({y_spec}); a Trainer needs one "
+          "tensor per step. Add a head that returns one tensor.")
+    return _target_layout(targets, y_spec.shape, time,
+                          allow_sequence_level=self._tbptt is None)
+
+
+def _target_layout(targets: tf.Tensor, y_shape: tf.TensorShape,
+                   time: int | None, allow_sequence_level: bool) -> bool:
+  """True for per-step targets, False for sequence-level ones."""
+  y_shape = tf.TensorShape(y_shape)
+  per_step = tf.TensorShape([y_shape[0], time]).concatenate(y_shape[1:])
+  sparse = not targets.dtype.is_floating
+  layouts = [(True, per_step[:-1] if sparse else per_step)]
+  if allow_sequence_level:
+    layouts.insert(0, (False, y_shape[:-1] if sparse else y_shape))
+  if not sparse:  # A float target may still be a sparse label.
+    layouts.append((True, per_step[:-1]))
+    if allow_sequence_level:
+      layouts.append((False, y_shape[:-1]))
+  for is_per_step, shape in layouts:
+    if targets.shape.is_compatible_with(shape):
+      return is_per_step
+  expected = f"per-step targets {_checks.shape_str(per_step)}"
+  if allow_sequence_level:
+    expected += (f" or sequence-level targets {_checks.shape_str(y_shape)}"
+                 " (the last step's prediction)")
+  else:
+    expected += " (truncated BPTT needs a target at every step)"
+  raise ValueError(
+      f"targets have shape {_checks.shape_str(targets.shape)}, which matches "
+      f"no prediction: expected {expected}; for sparse labels drop the last "
+      f"dimension. The step (with the head) predicts "
+      f"{_checks.shape_str(y_shape)} per step.")
+
+
+def _fold_time(x: tf.Tensor) -> tf.Tensor:
+  """`[batch, time, ...]` -> `[batch * time, ...]`."""
+  return tf.reshape(x, tf.concat([[-1], tf.shape(x)[2:]], 0))
+
+
+def _global_norm(grads: list, ctx: tf.distribute.ReplicaContext) -> tf.Tensor:
+  """The norm of the gradient summed over replicas."""
+  grads = [g for g in grads if g is not None]
+  if ctx.num_replicas_in_sync > 1:
+    grads = ctx.all_reduce(_SUM, grads)
+  return tf.linalg.global_norm(grads)
+
+
+def _unique(variables: Iterable) -> list:
+  seen, unique = set(), []
+  for v in variables:
+    if id(v) not in seen:
+      seen.add(id(v))
+      unique.append(v)
+  return unique
+
+
+def _with_head(step: steps_lib.Step, head: Any) -> steps_lib.Step:
+  """The step followed by `head` on its output at every time step."""
+  if head is None:
+    return step
+  if not callable(head):
+    raise TypeError(f"`head` must be a Keras layer (or None); got "
+                    f"{type(head).__name__}.")
+
+  def headed(call: Callable) -> Callable:
+    def fn(x_t, states, training):
+      y, new_states = call(x_t, states, training)
+      return head(y, training=training), new_states
+    return fn
+
+  return steps_lib.Step(
+      headed(step), name=f"{step.name} with head {getattr(head, 'name', '')!r}",
+      state_specs=step.state_specs, input_spec=step.input_spec,
+      initial_state_fn=step.initial_state,
+      start_fn=lambda batch, training: headed(step.start(batch, training)))
+
+
+def _per_example_loss(loss: Any) -> Callable:
+  """A callable `(y_true, y_pred) -> per-example loss` (not reduced)."""
+  if isinstance(loss, str):
+    try:
+      loss = keras.losses.get(loss)
+    except ValueError as e:
+      raise ValueError(f"`loss` {loss!r} is not a Keras loss name: {e}") from e
+  if isinstance(loss, keras.losses.Loss):
+    return loss.call  # Unreduced; the trainer takes the mean itself.
+  if not callable(loss):
+    raise TypeError("`loss` must be a Keras loss or a callable (y_true, "
+                    f"y_pred) -> per-example loss; got {type(loss).__name__}.")
+  return loss
+
+
+def _check_optimizer(optimizer: Any) -> keras.optimizers.Optimizer:
+  if not isinstance(optimizer, keras.optimizers.Optimizer):
+    raise TypeError("`optimizer` must be a keras.optimizers.Optimizer, e.g. "
+                    f"keras.optimizers.Adam(1e-3); got "
+                    f"{type(optimizer).__name__}.")
+  return optimizer
+
+
+def _check_strategy(strategy: Any) -> tf.distribute.Strategy:
+  if strategy is None:
+    return tf.distribute.get_strategy()
+  if not isinstance(strategy, tf.distribute.Strategy):
+    raise TypeError("`strategy` must be a tf.distribute.Strategy (or None); "
+                    f"got {type(strategy).__name__}.")
+  return strategy
+
+
+def _check_tbptt(tbptt: Any) -> tuple[int, int] | None:
+  if tbptt is None:
+    return None
+  if (not isinstance(tbptt, (tuple, list)) or len(tbptt) != 2 or
+      any(isinstance(k, bool) or not isinstance(k, int) for k in tbptt)):
+    raise ValueError(f"`tbptt` must be None or a pair of ints (k1, k2); got "
+                     f"{tbptt!r}.")
+  k1, k2 = tbptt
+  if not 1 <= k1 <= k2:
+    raise ValueError(
+        f"`tbptt` = (k1, k2) = ({k1}, {k2}) needs 1 <= k1 <= k2: every k1 "
+        "steps an update backpropagates k2 steps, which must cover the k1 "
+        "steps it takes the loss on.")
+  return k1, k2
+
+
+def _check_clip_norm(clip: Any) -> float | None:
+  if clip is None:
+    return None
+  if isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip <= 0:
+    raise ValueError(f"`gradient_clip_norm` must be a positive number or "
+                     f"None; got {clip!r}.")
+  return float(clip)
+
+
+class _Callbacks:
+  """Dispatches the Keras callback hooks a custom loop can honour."""
+
+  def __init__(self, callbacks: Sequence[Any] | None, trainer: Trainer):
+    self._callbacks = list(callbacks or [])
+    for callback in self._callbacks:
+      if hasattr(callback, "set_model"):
+        callback.set_model(trainer)
+
+  def call(self, hook: str, *args) -> None:
+    for callback in self._callbacks:
+      method = getattr(callback, hook, None)
+      if method is not None:
+        method(*args)
