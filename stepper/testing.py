@@ -5,13 +5,19 @@
 `MODES` is a list of `(name, mode)` pairs for
 `absl.testing.parameterized.named_parameters`; `in_mode(fn, mode)` runs `fn`
 eagerly, under `tf.function`, or under `tf.function(jit_compile=True)`.
+
+`assert_gradients_close` and `GradientTestCase` turn `stepper.verify`
+reports into test assertions for a new cell.
 """
 
 from typing import Any, Callable
 
+from absl.testing import parameterized
 import keras
 import numpy as np
 import tensorflow as tf
+
+from stepper import verify
 
 Nest = Any
 
@@ -38,9 +44,7 @@ def in_mode(fn: Callable, mode: str) -> Callable:
                    f"{mode!r}.")
 
 
-def default_tolerance(dtype: Any) -> float:
-  """Relative tolerance for a dtype: float64 1e-10, else 1e-5."""
-  return 1e-10 if tf.as_dtype(dtype) == tf.float64 else 1e-5
+default_tolerance = verify.default_tolerance
 
 
 def _path_names(structure: Nest, name: str) -> list[str]:
@@ -98,3 +102,63 @@ def assert_nests_close(actual: Nest, expected: Nest, *,
   if problems:
     raise AssertionError(
         f"{len(problems)} leaf/leaves not close:\n  " + "\n  ".join(problems))
+
+
+def assert_gradients_close(step: Any, control: Callable | None, inputs: Nest,
+                           **kwargs: Any) -> verify.GradientReport:
+  """Asserts a step's outputs, loss and gradients match a reference.
+
+  >>> stepper.testing.assert_gradients_close(
+  ...     MyCell(4), keras.layers.GRU(4, return_sequences=True), x)
+
+  Args:
+    step: The step under test (anything `stepper.model_rnn` runs).
+    control: A full-sequence Keras layer/model (`stepper.verify.compare`),
+      or `None` to check against float64 finite differences
+      (`stepper.verify.numerical`; build the step in float64).
+    inputs: Floating tensor or nest, each leaf `[batch, time, ...]`.
+    **kwargs: Passed to `compare` (e.g. `initial_states`, `mask`, `rtol`,
+      `weight_map`) or to `numerical` (e.g. `epsilon`, `max_coordinates`).
+
+  Returns:
+    The passing `GradientReport`.
+
+  Raises:
+    AssertionError: Listing every failing row, with the report's table.
+  """
+  if control is None:
+    report = verify.numerical(step, inputs, **kwargs)
+  else:
+    report = verify.compare(step, control, inputs, **kwargs)
+  report.assert_ok()
+  return report
+
+
+class GradientTestCase(tf.test.TestCase, parameterized.TestCase):
+  """A test case for the gradients of a new step; works with
+  `parameterized.named_parameters`.
+
+  >>> class MyCellTest(stepper.testing.GradientTestCase):
+  ...   @parameterized.named_parameters(("f32", "float32"), ("f64", "float64"))
+  ...   def test_gradients_match_keras_gru(self, dtype):
+  ...     x = self.random_inputs([3, 7, 5], dtype)
+  ...     self.assertGradientsClose(
+  ...         MyCell(4, dtype=dtype),
+  ...         keras.layers.GRU(4, return_sequences=True, dtype=dtype), x)
+  """
+
+  def random_inputs(self, shape: list[int], dtype: Any = "float32",
+                    seed: int = 0) -> tf.Tensor:
+    """Standard-normal inputs `[batch, time, ...]`, reproducible by `seed`."""
+    values = np.random.default_rng(seed).standard_normal(shape)
+    return tf.constant(values, dtype=tf.as_dtype(dtype))
+
+  def assertGradientsClose(self, step: Any, control: Callable, inputs: Nest,
+                           **kwargs: Any) -> verify.GradientReport:
+    """`assert_gradients_close` against a control model."""
+    return assert_gradients_close(step, control, inputs, **kwargs)
+
+  def assertGradientsMatchNumerical(self, step: Any, inputs: Nest,
+                                    **kwargs: Any) -> verify.GradientReport:
+    """`assert_gradients_close` against float64 finite differences."""
+    return assert_gradients_close(step, None, inputs, **kwargs)
