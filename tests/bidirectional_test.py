@@ -5,10 +5,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from stepper import bidirectional as bidirectional_lib
+import stepper
 from stepper import testing
 
-bidirectional = bidirectional_lib.bidirectional
+bidirectional = stepper.bidirectional
 
 BATCH, TIME, FEATURES, UNITS = 4, 6, 3, 5
 _LENGTHS = np.array([TIME, 4, 1, 0])

@@ -1,0 +1,209 @@
+"""Tests for `stepper.StepRNN` against `keras.layers.RNN` in Keras models."""
+
+import json
+import os
+
+from absl.testing import parameterized
+import keras
+import numpy as np
+import tensorflow as tf
+
+import stepper
+from stepper import testing
+
+BATCH, TIME, FEATURES, UNITS = 4, 6, 3, 5
+_CELLS = {"gru": keras.layers.GRUCell, "lstm": keras.layers.LSTMCell}
+
+
+def _padded_inputs(dtype="float32"):
+  """Zero-padded rows: right, left, none and fully padded."""
+  x = np.random.RandomState(7).randn(BATCH, TIME, FEATURES).astype(dtype)
+  x[0, 4:] = 0.
+  x[1, :3] = 0.
+  x[3] = 0.
+  return x
+
+
+def _twin_models(kind, dtype="float32", keras_overrides=None, **rnn_kwargs):
+  """`Masking -> StepRNN(cell)` and `Masking -> RNN(cell)`, same weights."""
+  keras.utils.set_random_seed(8)
+  cells = [_CELLS[kind](UNITS, dtype=dtype) for _ in range(2)]
+  keras_kwargs = dict(rnn_kwargs, **(keras_overrides or {}))
+  models = []
+  for layer in (stepper.StepRNN(cells[0], **rnn_kwargs),
+                keras.layers.RNN(cells[1], dtype=dtype, **keras_kwargs)):
+    models.append(keras.Sequential([
+        keras.Input((TIME, FEATURES), dtype=dtype),
+        keras.layers.Masking(0., dtype=dtype), layer]))
+  cells[1].set_weights(cells[0].get_weights())
+  return models
+
+
+def _outputs_and_gradients(model, x):
+  x = tf.convert_to_tensor(x)
+  with tf.GradientTape() as tape:
+    tape.watch(x)
+    y = model(x)
+    weights = tf.constant(np.random.RandomState(9).randn(*y.shape), y.dtype)
+    loss = tf.reduce_sum(y * weights)
+  return y, tape.gradient(loss, [x, model.trainable_variables])
+
+
+class StepRNNTest(tf.test.TestCase, parameterized.TestCase):
+
+  @parameterized.product(
+      kind=["gru", "lstm"], return_sequences=[True, False],
+      go_backwards=[False, True], zero_output_for_mask=[False, True])
+  def test_step_rnn_matches_keras_rnn_with_masking(
+      self, kind, return_sequences, go_backwards, zero_output_for_mask):
+    # Without sequences StepRNN returns each row's last valid output; Keras
+    # zeroes it when the last step is masked and zero_output_for_mask is set.
+    models = _twin_models(
+        kind, return_sequences=return_sequences, go_backwards=go_backwards,
+        zero_output_for_mask=zero_output_for_mask,
+        keras_overrides=dict(
+            zero_output_for_mask=zero_output_for_mask and return_sequences))
+    x = _padded_inputs()
+    actual, expected = [_outputs_and_gradients(m, x) for m in models]
+    # float32 gradients sum over steps: an atol for entries near zero.
+    testing.assert_nests_close(actual, expected, rtol=1e-5, atol=1e-6)
+
+  @parameterized.named_parameters(*testing.MODES)
+  def test_float64_step_rnn_in_modes_matches_keras_rnn(self, mode):
+    models = _twin_models("lstm", "float64", return_sequences=True)
+    x = _padded_inputs("float64")
+    actual, expected = [
+        testing.in_mode(lambda v, m=m: _outputs_and_gradients(m, v), mode)(x)
+        for m in models]
+    testing.assert_nests_close(actual, expected, rtol=1e-10)
+
+  def test_stacked_step_rnns_match_keras_rnns(self):
+    """The first layer's `compute_mask` feeds the second layer's mask."""
+    keras.utils.set_random_seed(10)
+    cells = [[keras.layers.GRUCell(UNITS) for _ in range(2)]
+             for _ in range(2)]
+
+    def build(layer_cls):
+      return keras.Sequential([
+          keras.Input((TIME, FEATURES)), keras.layers.Masking(0.),
+          layer_cls(cells_[0], return_sequences=True),
+          layer_cls(cells_[1], return_sequences=False)])
+
+    cells_ = cells[0]
+    ours = build(stepper.StepRNN)
+    cells_ = cells[1]
+    reference = build(keras.layers.RNN)
+    for a, b in zip(cells[0], cells[1]):
+      b.set_weights(a.get_weights())
+    x = _padded_inputs()
+    testing.assert_nests_close(_outputs_and_gradients(ours, x),
+                               _outputs_and_gradients(reference, x),
+                               rtol=1e-5, atol=1e-6)
+
+  @parameterized.named_parameters(("mask_zero", True), ("masking", False))
+  def test_embedding_mask_matches_seed_table(self, mask_zero):
+    """The m2 table of the dynamic_rnn-vs-Keras Q&A: the mask comes from
+    `Embedding(mask_zero=True)` or `Masking(0.37)` through the model."""
+    table = np.ones([3, 2], np.float32) * np.array([[.37], [1.], [2.]],
+                                                   np.float32)
+    layers = [keras.Input((5,), dtype="int32"), keras.layers.Embedding(
+        3, 2, mask_zero=mask_zero,
+        embeddings_initializer=keras.initializers.Constant(table))]
+    if not mask_zero:
+      layers.append(keras.layers.Masking(0.37))
+    cell = keras.layers.GRUCell(
+        1, activation=None, recurrent_activation=None,
+        kernel_initializer="ones", recurrent_initializer="zeros",
+        bias_initializer="ones", reset_after=False)
+    model = keras.Sequential(layers + [stepper.StepRNN(cell)])
+    outputs = model(np.array([[1, 2, 1, 0, 0], [0, 1, 2, 1, 0]]))
+    self.assertAllEqual(outputs[..., 0],
+                        [[-6, -50, -156, -156, -156], [0, -6, -50, -156, -156]])
+
+  @parameterized.named_parameters(("forward", False), ("backward", True))
+  def test_return_state_and_initial_state_match_keras_rnn(self, go_backwards):
+    keras.utils.set_random_seed(11)
+    cells = [keras.layers.LSTMCell(UNITS) for _ in range(2)]
+    x_in = keras.Input((TIME, FEATURES))
+    h_in, c_in = keras.Input((UNITS,)), keras.Input((UNITS,))
+    models = []
+    for layer in (stepper.StepRNN(cells[0], return_state=True,
+                                  go_backwards=go_backwards),
+                  keras.layers.RNN(cells[1], return_sequences=True,
+                                   return_state=True,
+                                   go_backwards=go_backwards)):
+      masked = keras.layers.Masking(0.)(x_in)
+      models.append(keras.Model([x_in, h_in, c_in],
+                                layer(masked, initial_state=[h_in, c_in])))
+    cells[1].set_weights(cells[0].get_weights())
+    rng = np.random.RandomState(12)
+    inputs = [_padded_inputs(), rng.randn(BATCH, UNITS).astype("float32"),
+              rng.randn(BATCH, UNITS).astype("float32")]
+    actual, expected = [m(inputs) for m in models]
+    testing.assert_nests_close(actual, expected, rtol=1e-5, atol=1e-6)
+
+  @parameterized.named_parameters(
+      ("sequences", dict(), "mask"),
+      ("backwards", dict(go_backwards=True), "reversed"),
+      ("last", dict(return_sequences=False), None),
+      ("states", dict(return_state=True), ["mask", None, None]))
+  def test_compute_mask_matches_expected(self, kwargs, expected):
+    layer = stepper.StepRNN(keras.layers.LSTMCell(UNITS), **kwargs)
+    mask = tf.constant(_padded_inputs()[..., 0] != 0)
+    names = {"mask": mask, "reversed": tf.reverse(mask, [1]), None: None}
+    expected = (names[expected] if not isinstance(expected, list) else
+                [names[e] for e in expected])
+    actual = layer.compute_mask(tf.zeros([BATCH, TIME, FEATURES]), mask)
+    tf.nest.assert_same_structure(actual, expected)
+    for a, e in zip(tf.nest.flatten(actual), tf.nest.flatten(expected)):
+      self.assertAllEqual(a, e)
+
+  @parameterized.named_parameters(("cell", "cell"), ("model", "model"))
+  def test_saved_model_round_trip_matches_original(self, step_kind):
+    keras.utils.set_random_seed(13)
+    if step_kind == "cell":
+      step = keras.layers.GRUCell(UNITS)
+    else:
+      x_t, h = keras.Input((FEATURES,)), keras.Input((UNITS,))
+      h_new = keras.layers.Dense(UNITS, activation="tanh")(
+          keras.layers.Concatenate()([x_t, h]))
+      step = keras.Model([x_t, h], [h_new, h_new])
+    model = keras.Sequential([
+        keras.Input((TIME, FEATURES)), keras.layers.Masking(0.),
+        stepper.StepRNN(step, go_backwards=True, zero_output_for_mask=True,
+                        unroll=2),
+        keras.layers.Dense(2)])
+    path = os.path.join(self.get_temp_dir(), "model.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    x = _padded_inputs()
+    self.assertIsInstance(loaded.layers[1], stepper.StepRNN)
+    # Through JSON: Keras records build shapes as tuples, and reads lists.
+    as_json = lambda layer: json.loads(json.dumps(layer.get_config()))
+    self.assertEqual(as_json(loaded.layers[1]), as_json(model.layers[1]))
+    testing.assert_nests_close(loaded(x), model(x), rtol=0)
+
+  def test_get_config_raises_on_callable_step(self):
+    layer = stepper.StepRNN(lambda x_t, states: (x_t, states))
+    with self.assertRaisesRegex(
+        TypeError, r"cannot be serialized: its step is a function, but only "
+        r"a Keras layer \(an RNN cell or a functional step model\)"):
+      layer.get_config()
+
+  def test_callable_step_matches_cell(self):
+    """A plain callable works given `initial_state` (weights outside it)."""
+    keras.utils.set_random_seed(14)
+    cell = keras.layers.GRUCell(UNITS)
+    cell.build((None, FEATURES))
+    x = _padded_inputs()
+    mask = tf.constant(x[..., 0] != 0)
+    init = [tf.zeros([BATCH, UNITS])]
+    by_callable = stepper.StepRNN(lambda x_t, s: cell(x_t, s))(
+        x, mask=mask, initial_state=init)
+    by_cell = keras.layers.RNN(cell, return_sequences=True)(
+        x, mask=mask, initial_state=init)
+    testing.assert_nests_close(by_callable, by_cell, rtol=1e-5, atol=1e-6)
+
+
+if __name__ == "__main__":
+  tf.test.main()
