@@ -34,6 +34,7 @@ def model_rnn(
     sequence_length: tf.Tensor | None = None,
     zero_output_for_mask: bool = False,
     resets: tf.Tensor | None = None,
+    _reset_to: Nest | None = None,
 ) -> tuple[Nest, Nest] | tuple[Nest, Nest, Nest]:
   """Runs a one-step model over every time step of `inputs`.
 
@@ -85,6 +86,9 @@ def model_rnn(
     resets: bool `[batch, time]`: where True, the row's state is set back to
       its initial state right before that step (episode boundaries in a
       packed stream). No gradient flows across a reset.
+    _reset_to: Private (for `stepper.chunking`): the states a reset sets,
+      nested like the states, when they differ from `initial_states` (a
+      chunk starts from the carried state but resets to the run's start).
 
   Returns:
     `(outputs, final_states)`, or `(outputs, final_states, all_states)` with
@@ -124,6 +128,7 @@ def model_rnn(
                                  _reverse_rows(controls.resets,
                                                controls.lengths))
   loop = _Loop(step, x_structure, y_spec, states, controls,
+               reset_to=states if _reset_to is None else _reset_to,
                training=training, reverse=reverse and not reverse_rows,
                return_sequences=return_sequences,
                return_all_states=return_all_states,
@@ -302,13 +307,14 @@ class _Loop:
   """The while loop: one step body, run `unroll` steps per iteration."""
 
   def __init__(self, step, x_structure, y_spec, states, controls, *,
-               training, reverse, return_sequences, return_all_states,
+               reset_to, training, reverse, return_sequences, return_all_states,
                parallel_iterations, swap_memory):
     self._step = step
     self._x_structure = x_structure
     self._y_spec = y_spec
     self._states = states
     self._flat_init = tf.nest.flatten(states)
+    self._flat_reset = tf.nest.flatten(reset_to)
     self._controls = controls
     self._training = training
     self._reverse = reverse
@@ -385,7 +391,7 @@ class _Loop:
     if "resets" in self._control_tas:
       reset = self._control_tas["resets"].read(idx)
       flat_states = [_select(reset, init, s)
-                     for init, s in zip(self._flat_init, flat_states)]
+                     for init, s in zip(self._flat_reset, flat_states)]
     y, new_states = self._call(
         x_t, tf.nest.pack_sequence_as(self._states, flat_states),
         self._training)

@@ -1,0 +1,362 @@
+"""Carrying state across chunks of a long sequence: keep or cut the gradient.
+
+Keras `stateful=True` layers keep their state in variables, so a
+`tf.GradientTape` around two chunks silently loses the gradient across the
+boundary. Here the choice is explicit:
+
+* `run_chunks(..., gradient="through")`: the chunks run one after another in
+  one `tf.while_loop`, carrying the state as a tensor; outputs, final states
+  and every gradient equal one full-sequence `model_rnn` call.
+* `run_chunks(..., gradient="truncate")`: the state passed between chunks goes
+  through `tf.stop_gradient` (truncated BPTT with window `chunk_size`)::
+
+      chunk 0        chunk 1        chunk 2
+      x0 x1 x2  |s|  x3 x4 x5  |s|  x6 x7
+      <--grad--  X   <--grad--  X   <--grad-    X: stop_gradient on the state
+
+* `StatefulRunner`: the state lives in non-trainable variables between
+  calls (a stream longer than one batch); saved by `tf.train.Checkpoint`.
+  No gradient crosses calls.
+
+`stepper.tbptt` builds Williams & Peng's BPTT(k2; k1) on the same pieces.
+"""
+
+from typing import Any
+
+import tensorflow as tf
+
+from stepper import _checks
+from stepper import engine
+from stepper import masking
+from stepper import steps as steps_lib
+
+Nest = Any
+
+_GRADIENTS = ("through", "truncate")
+
+
+def run_chunks(
+    step: Any,
+    inputs: Nest,
+    chunk_size: int,
+    initial_states: Nest | None = None,
+    *,
+    gradient: str = "through",
+    training: bool | tf.Tensor | None = None,
+    mask: tf.Tensor | None = None,
+    sequence_length: tf.Tensor | None = None,
+    zero_output_for_mask: bool = False,
+    resets: tf.Tensor | None = None,
+    time_major: bool = False,
+    unroll: int = 1,
+    swap_memory: bool = False,
+) -> tuple[Nest, Nest]:
+  """Runs `step` over `inputs` chunk by chunk, carrying the state.
+
+  The time axis is split into chunks of `chunk_size` steps (the last may be
+  shorter); each chunk is one `model_rnn` run started from the previous
+  chunk's final state. All chunks run inside one `tf.while_loop`, so under
+  `tf.function` a dynamic `time` does not retrace per number of chunks.
+
+  >>> cell = keras.layers.GRUCell(8)
+  >>> x = tf.random.normal([4, 20, 3])
+  >>> with tf.GradientTape() as tape:
+  ...   y, states = stepper.run_chunks(cell, x, 6, gradient="truncate")
+  ...   loss = tf.reduce_mean(y ** 2)
+  >>> grads = tape.gradient(loss, cell.trainable_variables)  # TBPTT, k = 6
+
+  Masking semantics are those of one full run: `mask` carries states and the
+  previous output forward across chunk boundaries; `sequence_length` is cut
+  into per-chunk lengths; `resets` set a row back to `initial_states` (not
+  to the chunk's starting state).
+
+  Args:
+    step: A Keras step model, a Keras RNN cell or a callable (see
+      `stepper.steps`).
+    inputs: Tensor or nest, each leaf `[batch, time, ...]` (`[time, batch,
+      ...]` with `time_major=True`).
+    chunk_size: Steps per chunk, a positive int.
+    initial_states: Nest like the step's states, each `[batch, ...]`.
+      Defaults to the step's initial (zero) state.
+    gradient: `"through"`: gradients flow across chunk boundaries, exactly as
+      in one full run. `"truncate"`: the state entering chunks 1, 2, ... is a
+      constant (`tf.stop_gradient`); chunk 0 still reaches `initial_states`.
+    training: Passed to the step at every call.
+    mask: bool `[batch, time]`, as in `model_rnn`.
+    sequence_length: int `[batch]`, as in `model_rnn`. Exclusive with `mask`.
+    zero_output_for_mask: Output zeros, not the previous output, where masked.
+    resets: bool `[batch, time]`: where True, the row's state is set back to
+      `initial_states` right before that step. No gradient crosses a reset.
+    time_major: Whether `inputs`, `mask`, `resets` and the outputs are
+      `[time, batch, ...]`.
+    unroll: Passed to `model_rnn` for every chunk.
+    swap_memory: Passed to `model_rnn` for every chunk.
+
+  Returns:
+    `(outputs, final_states)` as from `model_rnn`: `outputs` nests like
+    `y_t`, each leaf `[batch, time, ...]`; `final_states` like the states.
+
+  Raises:
+    ValueError: If `chunk_size` is not a positive int, `gradient` is unknown,
+      or the inputs, states or masking arguments are malformed (as in
+      `model_rnn`).
+  """
+  step = steps_lib.as_step(step)
+  _checks.check_positive_int(chunk_size, "chunk_size")
+  if gradient not in _GRADIENTS:
+    raise ValueError(f"`gradient` must be one of {_GRADIENTS}; got "
+                     f"{gradient!r}.")
+  flat_x, batch, time = engine._time_major_inputs(step, inputs, time_major)  # pylint: disable=protected-access
+  states = engine._initial_states(step, initial_states, batch, flat_x[0])  # pylint: disable=protected-access
+  controls = masking.prepare(
+      mask=mask, sequence_length=sequence_length, resets=resets,
+      zero_output_for_mask=zero_output_for_mask, batch=batch.value,
+      time=time.value, time_major=time_major)
+  chunks = _Chunks(step, inputs, flat_x, states, controls, chunk_size,
+                   time.value, cut=gradient == "truncate",
+                   engine_kwargs=dict(training=training, unroll=unroll,
+                                      swap_memory=swap_memory))
+  outputs, final_states = chunks.run()
+  if controls.mask is not None and not controls.zero_output:
+    outputs = tf.nest.map_structure(
+        lambda y: _carry_forward(y, controls.mask), outputs)
+  sequence_shape = tf.TensorShape([time.static, batch.static])
+  outputs = tf.nest.map_structure(
+      lambda y: _finish(y, sequence_shape, time_major), outputs)
+  return outputs, final_states
+
+
+class _Chunks:
+  """The while loop over chunks: one `model_rnn` call per iteration."""
+
+  def __init__(self, step, inputs, flat_x, states, controls, chunk_size,
+               time, *, cut, engine_kwargs):
+    self._step = step
+    self._x_structure = tf.nest.map_structure(lambda _: 0, inputs)
+    self._flat_x = flat_x
+    self._states = states
+    self._controls = controls
+    self._time = time
+    self._chunk_size = chunk_size
+    self._cut = cut
+    self._engine_kwargs = engine_kwargs
+    self._n_chunks = -(-time // chunk_size)  # Ceiling, int or tensor.
+    starts = tf.range(self._n_chunks) * chunk_size
+    self._sizes = tf.minimum(chunk_size, time - starts)
+
+  def _split(self, x: tf.Tensor) -> tf.TensorArray:
+    # TensorArray.split, not x[start:stop] per chunk: a slice's gradient is
+    # input-sized for every chunk; split's gradient is one concat.
+    return tf.TensorArray(
+        x.dtype, size=self._n_chunks, infer_shape=False,
+        element_shape=tf.TensorShape([None]).concatenate(x.shape[1:])
+    ).split(x, self._sizes)
+
+  def run(self) -> tuple[Nest, Nest]:
+    """Returns time-major `(outputs, final_states)`."""
+    input_tas = [self._split(x) for x in self._flat_x]
+    control_tas = {name: self._split(value) for name, value in
+                   (("mask", self._controls.mask),
+                    ("resets", self._controls.resets)) if value is not None}
+    def body(i, carried, final, out_tas):
+      del final  # Only the last chunk's final states are returned.
+      x = tf.nest.pack_sequence_as(self._x_structure,
+                                   [ta.read(i) for ta in input_tas])
+      y, new_states = engine.model_rnn(
+          self._step, x, carried, time_major=True,
+          **self._chunk_controls(i, control_tas), _reset_to=self._states,
+          **self._engine_kwargs)
+      flat_y = tf.nest.flatten(y)
+      out_tas = [ta.write(i, y_) for ta, y_ in zip(out_tas, flat_y)]
+      next_states = (tf.nest.map_structure(tf.stop_gradient, new_states)
+                     if self._cut else new_states)
+      return i + 1, next_states, new_states, out_tas
+
+    y_spec = self._output_spec()
+    out_tas = [tf.TensorArray(s.dtype, size=self._n_chunks, infer_shape=False,
+                              element_shape=tf.TensorShape([None]).concatenate(
+                                  s.shape))
+               for s in tf.nest.flatten(y_spec)]
+    _, _, final_states, out_tas = tf.while_loop(
+        lambda i, *_: i < self._n_chunks, body,
+        (0, self._states, self._states, out_tas),
+        maximum_iterations=self._n_chunks)
+    outputs = [self._concat(ta, s) for ta, s in
+               zip(out_tas, tf.nest.flatten(y_spec))]
+    return tf.nest.pack_sequence_as(y_spec, outputs), final_states
+
+  def _chunk_controls(self, i, control_tas) -> dict:
+    """The masking arguments of chunk `i` for `model_rnn(time_major=True)`."""
+    if self._controls.lengths is not None:
+      # dynamic_rnn semantics per chunk: lengths counted from the chunk start.
+      start = i * self._chunk_size
+      return dict(sequence_length=tf.clip_by_value(
+          self._controls.lengths - start, 0, self._sizes[i]))
+    kwargs = {name: ta.read(i) for name, ta in control_tas.items()}
+    if "mask" in kwargs:
+      # Carry-forward of outputs across chunks happens after the loop.
+      kwargs["zero_output_for_mask"] = True
+    return kwargs
+
+  def _output_spec(self) -> Nest:
+    x_spec = tf.nest.pack_sequence_as(
+        self._x_structure,
+        [tf.TensorSpec(x.shape[1:], x.dtype) for x in self._flat_x])
+    return engine._output_spec(self._step, x_spec, self._states,  # pylint: disable=protected-access
+                               self._engine_kwargs["training"])
+
+  def _concat(self, ta: tf.TensorArray, spec: tf.TensorSpec) -> tf.Tensor:
+    batch = tf.shape(self._flat_x[0])[1]
+    empty = lambda: tf.zeros(tf.concat([[0, batch], spec.shape[1:]], 0),
+                             spec.dtype)
+    if isinstance(self._n_chunks, int):
+      return ta.concat() if self._n_chunks else empty()
+    return tf.cond(self._n_chunks > 0, ta.concat, empty)
+
+
+def _carry_forward(y: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:
+  """Keras carry-forward masking on time-major outputs that are zero where
+  masked: each masked step repeats the row's last valid output (zeros before
+  the first), across chunk boundaries.
+
+  A gather of the valid outputs, so gradients reach exactly the step whose
+  output is repeated, as in the engine's carried output.
+  """
+  time = tf.shape(mask)[0]
+  steps = tf.where(mask, tf.range(time)[:, None], -1)  # [time, batch]
+  last_valid = tf.scan(tf.maximum, steps)
+  swap = engine._swap_batch_time  # pylint: disable=protected-access
+  picked = swap(tf.gather(swap(y), tf.transpose(tf.maximum(last_valid, 0)),
+                          axis=1, batch_dims=1))
+  seen = tf.reshape(last_valid >= 0, tf.concat(
+      [tf.shape(last_valid), tf.ones([y.shape.rank - 2], tf.int32)], 0))
+  return tf.where(seen, picked, tf.zeros_like(picked))
+
+
+def _finish(y: tf.Tensor, sequence_shape: tf.TensorShape,
+            time_major: bool) -> tf.Tensor:
+  """Restores the static `[time, batch]` shape lost in the loop."""
+  y.set_shape(sequence_shape.concatenate(y.shape[2:]))
+  return y if time_major else engine._swap_batch_time(y)  # pylint: disable=protected-access
+
+
+class StatefulRunner(tf.Module):
+  """Runs a step chunk by chunk, keeping the state in variables between calls.
+
+  For streams longer than one batch (Keras' cross-batch `stateful=True`): row
+  `b` of every call continues row `b` of the previous call. The state is held
+  in non-trainable variables `[batch_size, ...]`, so `tf.train.Checkpoint`
+  saves and restores it; resuming from a checkpoint continues the stream
+  bit for bit. Gradients flow within a call, never across calls (the state
+  read at the start of a call is a constant): use `run_chunks` to keep them.
+
+  >>> runner = stepper.StatefulRunner(keras.layers.GRUCell(8), batch_size=4)
+  >>> for chunk in tf.split(tf.random.normal([4, 30, 3]), 3, axis=1):
+  ...   y = runner(chunk, training=True)
+  >>> runner.reset_states(where=tf.constant([True, False, False, False]))
+  >>> tf.train.Checkpoint(runner=runner).save("/tmp/stream")
+  """
+
+  def __init__(self, step: Any, batch_size: int,
+               initial_states: Nest | None = None, name: str | None = None):
+    """Creates the state variables, set to `initial_states`.
+
+    Args:
+      step: A Keras step model, a Keras RNN cell or a callable (see
+        `stepper.steps`).
+      batch_size: Rows in every chunk (the number of parallel streams).
+      initial_states: Nest like the step's states, each `[batch_size, ...]`:
+        the start of every stream and what resets restore. Defaults to the
+        step's initial (zero) state; required for a plain callable.
+      name: Module name.
+
+    Raises:
+      ValueError: If `batch_size` is not a positive int or `initial_states`
+        do not match the step's states.
+    """
+    super().__init__(name=name)
+    self._step = steps_lib.as_step(step)
+    self._batch_size = _checks.check_positive_int(batch_size, "batch_size")
+    batch = engine._Dim(batch_size, tf.constant(batch_size))  # pylint: disable=protected-access
+    initial = engine._initial_states(self._step, initial_states, batch, None)  # pylint: disable=protected-access
+    self._initial = tf.nest.map_structure(tf.convert_to_tensor, initial)
+    self._state_variables = [
+        tf.Variable(s, trainable=False, name=f"state_{i}")
+        for i, s in enumerate(tf.nest.flatten(self._initial))]
+
+  @property
+  def batch_size(self) -> int:
+    return self._batch_size
+
+  @property
+  def states(self) -> Nest:
+    """The carried states, nested like the step's states, `[batch, ...]`."""
+    return tf.nest.pack_sequence_as(
+        self._initial, [v.value() for v in self._state_variables])
+
+  def __call__(self, chunk: Nest, training: bool | tf.Tensor | None = None,
+               *, resets: tf.Tensor | None = None) -> Nest:
+    """Runs the step over `chunk` from the carried states; updates them.
+
+    Args:
+      chunk: Tensor or nest, each leaf `[batch_size, time, ...]`.
+      training: Passed to the step at every call.
+      resets: bool `[batch_size, time]`: where True, the row's state is set
+        back to the initial states right before that step.
+
+    Returns:
+      The outputs, nested like `y_t`, each leaf `[batch_size, time, ...]`.
+
+    Raises:
+      ValueError: If the chunk's batch size is not `batch_size`, or as in
+        `model_rnn`.
+    """
+    self._check_batch(chunk)
+    outputs, new_states = engine.model_rnn(
+        self._step, chunk, self.states, training=training, resets=resets,
+        _reset_to=self._initial)
+    for variable, value in zip(self._state_variables,
+                               tf.nest.flatten(new_states)):
+      variable.assign(value)
+    return outputs
+
+  def reset_states(self, where: tf.Tensor | None = None) -> None:
+    """Sets the states back to the initial states.
+
+    Args:
+      where: bool `[batch_size]`: reset only these rows (streams that ended;
+        the others continue). `None` resets every row.
+
+    Raises:
+      TypeError: If `where` is not bool.
+      ValueError: If `where` is not `[batch_size]`.
+    """
+    if where is None:
+      for variable, value in zip(self._state_variables,
+                                 tf.nest.flatten(self._initial)):
+        variable.assign(value)
+      return
+    where = tf.convert_to_tensor(where)
+    if where.dtype != tf.bool:
+      raise TypeError(f"`where` must be a bool tensor [batch_size] = "
+                      f"[{self._batch_size}]; got dtype {where.dtype.name}.")
+    if not where.shape.is_compatible_with([self._batch_size]):
+      raise ValueError(f"`where` must have shape [batch_size] = "
+                       f"({self._batch_size},); got "
+                       f"{_checks.shape_str(where.shape)}.")
+    for variable, value in zip(self._state_variables,
+                               tf.nest.flatten(self._initial)):
+      variable.assign(engine._select(where, value, variable))  # pylint: disable=protected-access
+
+  def _check_batch(self, chunk: Nest) -> None:
+    flat = tf.nest.flatten(chunk)
+    for name, x in zip(_checks.leaf_paths(chunk, "chunk"), flat):
+      x = tf.convert_to_tensor(x)
+      if x.shape.rank is not None and x.shape.rank >= 1:
+        if x.shape[0] is not None and x.shape[0] != self._batch_size:
+          raise ValueError(
+              f"{name} has batch size {x.shape[0]} (shape "
+              f"{_checks.shape_str(x.shape)}), but this StatefulRunner "
+              f"carries {self._batch_size} streams (batch_size="
+              f"{self._batch_size}). Pass chunks of {self._batch_size} rows "
+              "or build a runner for the new batch size.")
