@@ -1,0 +1,387 @@
+"""Truncated backpropagation through time: BPTT(k2; k1) of Williams & Peng.
+
+Every `k1` steps one weight update, backpropagating `k2 >= k1` steps. Update
+`j` covers the loss steps `[j*k1, min((j+1)*k1, T))`; its gradient reaches
+back to step `start_j = max(0, (j+1)*k1 - k2)`: the state entering `start_j`
+is a constant. The forward values are those of one long run (the state is
+carried exactly). For `k1 = 2, k2 = 3, T = 7`::
+
+  step        0   1   2   3   4   5   6
+  update 0   [L   L]                      loss 0-1, backprop to step 0
+  update 1       [.   L   L]              loss 2-3, backprop to step 1
+  update 2               [.   L   L]      loss 4-5, backprop to step 3
+  update 3                       [.   L]  loss 6,   backprop to step 5
+
+  L: the loss at this step is in the update's loss and gradient.
+  .: backpropagated through, but its loss is not in this update.
+  [: the state entering this step is a constant (no gradient before it).
+
+So `grads_j` holds, for every loss step `t` of update `j`, the gradient of
+`loss(targets_t, y_t)` through steps `start_j .. t` only, averaged like
+`loss_j`. `k1 == k2` is plain chunked truncation
+(`run_chunks(gradient="truncate")` with chunks of `k1`); `k1 == k2 == T` is
+full BPTT.
+
+Each update runs its window as two engine segments from the saved state:
+`[start_j, start_{j+1})`, whose final state is saved for update `j + 1`, and
+`[start_{j+1}, stop_j)`, which update `j + 1` runs again (the `k2 - k1`
+overlap). One tape per update, not per step.
+
+Three entry points, the same numbers:
+
+* `Updater(step, loss, k1=..., k2=...)`: compiled once, reused across
+  sequences (what a training loop holds): `.updates(x, y)` runs every update
+  in one `tf.while_loop`; `.iterate(x, y)` yields them one at a time.
+* `updates(...)` and `iterate(...)`: one-off shortcuts building an `Updater`.
+"""
+
+from typing import Any, Callable, Iterator, NamedTuple
+
+import tensorflow as tf
+
+from stepper import _checks
+from stepper import engine
+from stepper import steps as steps_lib
+
+Nest = Any
+Update = tuple[tf.Tensor, list[tf.Tensor]]
+
+
+class _Sequence(NamedTuple):
+  """One validated sequence: time-major inputs and targets, start states."""
+  inputs: Nest
+  targets: Nest
+  states: Nest
+  n_updates: int
+
+
+class Updater:
+  """BPTT(k2; k1) for one step, loss and set of variables, compiled once.
+
+  >>> cell = keras.layers.GRUCell(8)
+  >>> updater = stepper.tbptt.Updater(
+  ...     cell, keras.losses.MeanSquaredError(), k1=5, k2=8)
+  >>> optimizer = keras.optimizers.SGD(0.1)
+  >>> for x, y in batches:  # x [batch, time, 3], y [batch, time, 8]
+  ...   for loss_j, grads_j in updater.iterate(x, y):
+  ...     optimizer.apply_gradients(zip(grads_j, updater.variables))
+
+  `iterate` computes update `j` when it is requested, from the state saved
+  by update `j - 1`, so weights changed in between are used from then on
+  (online TBPTT, as Williams & Peng intend). Without weight changes it
+  yields exactly what `updates` returns. After either, `final_states` is
+  the state after the sequence's last step, to continue a stream in the
+  next batch (`initial_states=updater.final_states`).
+  """
+
+  def __init__(self, step: Any, loss: Callable, *, k1: int, k2: int,
+               variables: list[tf.Variable] | None = None,
+               training: bool | tf.Tensor | None = None):
+    """Validates the window and compiles nothing yet.
+
+    Args:
+      step: A Keras step model, a Keras RNN cell or a callable (see
+        `stepper.steps`).
+      loss: `loss(targets_t, y_t)`: a Keras loss (e.g.
+        `keras.losses.MeanSquaredError()`) or any callable returning
+        per-example losses. It is called once per update on the update's
+        loss steps merged into the batch (`[steps * batch, ...]`); the mean
+        of its result is `loss_j`.
+      k1: Steps between updates, a positive int.
+      k2: Steps backpropagated per update, an int `>= k1`.
+      variables: The variables to differentiate. Defaults to the step's
+        trainable variables (looked up at the first call, once built).
+      training: Passed to the step at every call.
+
+    Raises:
+      ValueError: If `k1`/`k2` are not positive ints or `k2 < k1`.
+    """
+    self._step = steps_lib.as_step(step)
+    self._k1 = _checks.check_positive_int(k1, "k1")
+    self._k2 = _checks.check_positive_int(k2, "k2")
+    if k2 < k1:
+      raise ValueError(
+          f"`k2` (steps backpropagated, {k2}) must be >= `k1` (steps between "
+          f"updates, {k1}): every loss step of an update is backpropagated. "
+          "Use k2 == k1 for plain truncation.")
+    self._loss = loss
+    self._given_variables = variables
+    self._training = training
+    self._update_fn = tf.function(self._update, autograph=False,
+                                  reduce_retracing=True)
+    self._all_fn = tf.function(self._all_updates, autograph=False)
+    self.final_states = None
+
+  @property
+  def variables(self) -> list[tf.Variable]:
+    """The differentiated variables, in the order of `grads_j`.
+
+    Raises:
+      ValueError: If there are none.
+    """
+    variables = list(self._step.trainable_variables
+                     if self._given_variables is None
+                     else self._given_variables)
+    if not variables:
+      raise ValueError(
+          f"No variables to differentiate: {self._step.name} has no "
+          "trainable variables (yet) and `variables` was not given. Pass "
+          "`variables=[...]`.")
+    return variables
+
+  def updates(self, inputs: Nest, targets: Nest,
+              initial_states: Nest | None = None) -> list[Update]:
+    """Every update over one sequence, in one `tf.while_loop`.
+
+    All updates use the current weights (nothing is applied in between).
+
+    Args:
+      inputs: Tensor or nest, each leaf `[batch, time, ...]`; `time` must be
+        known statically (it sets the number of updates).
+      targets: Tensor or nest like the step's outputs, each leaf
+        `[batch, time, ...]`.
+      initial_states: Nest like the step's states, each `[batch, ...]`.
+        Defaults to the step's initial (zero) state. A constant: no gradient
+        reaches it.
+
+    Returns:
+      One `(loss_j, grads_j)` per update `j = 0 .. ceil(time / k1) - 1`:
+      `loss_j` a scalar, `grads_j` a list like `variables` (zeros where a
+      variable does not affect the loss).
+
+    Raises:
+      ValueError: If `time` is unknown, the targets' time differs from the
+        inputs', there are no variables, or as in `model_rnn`.
+    """
+    sequence = self._prepare(inputs, targets, initial_states)
+    losses, grads, self.final_states = self._all_fn(
+        sequence.inputs, sequence.targets, sequence.states)
+    return [(losses[j], [g[j] for g in grads])
+            for j in range(sequence.n_updates)]
+
+  def iterate(self, inputs: Nest, targets: Nest,
+              initial_states: Nest | None = None) -> Iterator[Update]:
+    """Yields the updates over one sequence one at a time, lazily.
+
+    Arguments and errors are those of `updates`; errors are raised here,
+    before the first update. `final_states` is set once the last update has
+    been yielded.
+
+    Args:
+      inputs: As in `updates`.
+      targets: As in `updates`.
+      initial_states: As in `updates`.
+
+    Returns:
+      An iterator of `(loss_j, grads_j)`.
+    """
+    return self._iterate(self._prepare(inputs, targets, initial_states))
+
+  def _iterate(self, sequence: _Sequence) -> Iterator[Update]:
+    states = sequence.states
+    for j in range(sequence.n_updates):
+      loss_j, grads_j, states, end_states = self._update_fn(
+          sequence.inputs, sequence.targets, states, tf.constant(j))
+      if j == sequence.n_updates - 1:
+        self.final_states = end_states
+      yield loss_j, grads_j
+    if not sequence.n_updates:
+      self.final_states = states
+
+  def _prepare(self, inputs, targets, initial_states) -> _Sequence:
+    flat_x, batch, time = engine._time_major_inputs(  # pylint: disable=protected-access
+        self._step, inputs, time_major=False)
+    if time.static is None:
+      raise ValueError(
+          "`inputs` has an unknown number of time steps; tbptt needs it "
+          "statically to return one update per k1 steps. Give `inputs` a "
+          "static time dimension.")
+    states = engine._initial_states(  # pylint: disable=protected-access
+        self._step, initial_states, batch, flat_x[0])
+    x = tf.nest.pack_sequence_as(inputs, flat_x)
+    targets = tf.nest.map_structure(tf.convert_to_tensor, targets)
+    for name, t in zip(_checks.leaf_paths(targets, "targets"),
+                       tf.nest.flatten(targets)):
+      _checks.check_rank_at_least(t, 2, name, "[batch, time, ...]")
+      if t.shape[1] is not None and t.shape[1] != time.static:
+        raise ValueError(f"{name} has {t.shape[1]} time steps (shape "
+                         f"{_checks.shape_str(t.shape)}) but `inputs` has "
+                         f"{time.static}; targets are [batch, time, ...] like "
+                         "the outputs.")
+    self._build(x, states)
+    return _Sequence(x, tf.nest.map_structure(engine._swap_batch_time,  # pylint: disable=protected-access
+                                              targets),
+                     states, -(-time.static // self._k1))
+
+  def _build(self, x: Nest, states: Nest) -> None:
+    """Traces the step once so that a Keras cell has its variables."""
+    x_spec = tf.nest.map_structure(
+        lambda t: tf.TensorSpec(t.shape[1:], t.dtype), x)
+    engine._output_spec(self._step, x_spec, states, self._training)  # pylint: disable=protected-access
+    _ = self.variables  # Raises here, not inside a trace, if there are none.
+
+  def _bounds(self, j: tf.Tensor, time: tf.Tensor):
+    """Update `j`'s steps: `(start, split, loss_start, stop)`."""
+    k1, k2 = self._k1, self._k2
+    stop = tf.minimum((j + 1) * k1, time)
+    start = tf.maximum(0, (j + 1) * k1 - k2)
+    split = tf.minimum(tf.maximum(0, (j + 2) * k1 - k2), stop)
+    return start, split, j * k1, stop
+
+  def _segment(self, x: Nest, states: Nest, begin, end):
+    """The engine over steps `[begin, end)` of time-major `x`."""
+    # Slices, not a TensorArray: no gradient is taken w.r.t. the inputs.
+    x = tf.nest.map_structure(lambda t: t[begin:end], x)
+    return engine.model_rnn(self._step, x, states, time_major=True,
+                            training=self._training)
+
+  def _mean_loss(self, targets: Nest, outputs: Nest) -> tf.Tensor:
+    y_true = tf.nest.map_structure(_merge_time_into_batch, targets)
+    y_pred = tf.nest.map_structure(_merge_time_into_batch, outputs)
+    return tf.reduce_mean(self._loss(y_true, y_pred))
+
+  def _update(self, x: Nest, targets: Nest, states: Nest, j: tf.Tensor):
+    """Update `j` from the state entering its window (a constant).
+
+    Returns:
+      `(loss_j, grads_j, next_states, end_states)`: `next_states` enters
+      update `j + 1`'s window; `end_states` follow step `stop_j - 1`.
+    """
+    time = tf.shape(tf.nest.flatten(x)[0])[0]
+    start, split, loss_start, stop = self._bounds(j, time)
+    states = tf.nest.map_structure(tf.stop_gradient, states)
+    with tf.GradientTape() as tape:
+      y_head, next_states = self._segment(x, states, start, split)
+      y_tail, end_states = self._segment(x, next_states, split, stop)
+      outputs = tf.nest.map_structure(
+          lambda a, b: tf.concat([a, b], 0)[loss_start - start:],
+          y_head, y_tail)
+      loss_j = self._mean_loss(
+          tf.nest.map_structure(lambda t: t[loss_start:stop], targets),
+          outputs)
+    variables = self.variables
+    grads = tape.gradient(loss_j, variables)
+    grads = [tf.zeros(v.shape, v.dtype) if g is None
+             else tf.convert_to_tensor(g) for g, v in zip(grads, variables)]
+    stop_gradient = lambda s: tf.nest.map_structure(tf.stop_gradient, s)
+    return loss_j, grads, stop_gradient(next_states), stop_gradient(end_states)
+
+  def _all_updates(self, x: Nest, targets: Nest, states: Nest):
+    """Every update in one `tf.while_loop`.
+
+    Returns:
+      `(losses [n], grads [n, ...] per variable, final_states)`.
+    """
+    time = tf.shape(tf.nest.flatten(x)[0])[0]
+    n_updates = (time + self._k1 - 1) // self._k1
+    variables = self.variables
+
+    def body(j, states, end_states, loss_ta, grad_tas):
+      del end_states  # Only the last update's are kept.
+      loss_j, grads, states, end_states = self._update(x, targets, states, j)
+      return (j + 1, states, end_states, loss_ta.write(j, loss_j),
+              [ta.write(j, g) for ta, g in zip(grad_tas, grads)])
+
+    loss_ta = tf.TensorArray(self._loss_dtype(targets, x, states),
+                             size=n_updates, element_shape=[])
+    grad_tas = [tf.TensorArray(v.dtype, size=n_updates, element_shape=v.shape)
+                for v in variables]
+    _, _, final_states, loss_ta, grad_tas = tf.while_loop(
+        lambda j, *_: j < n_updates, body,
+        (0, states, states, loss_ta, grad_tas),
+        maximum_iterations=n_updates)
+    return (loss_ta.stack(), [ta.stack() for ta in grad_tas],
+            final_states)
+
+  def _loss_dtype(self, targets: Nest, x: Nest, states: Nest) -> tf.DType:
+    """The dtype `loss` returns, from an abstract trace of it alone."""
+    x_spec = tf.nest.map_structure(
+        lambda t: tf.TensorSpec(t.shape[1:], t.dtype), x)
+    y_spec = engine._output_spec(self._step, x_spec, states, self._training)  # pylint: disable=protected-access
+    merged = lambda s: tf.TensorSpec([None] + s.shape[1:], s.dtype)
+    concrete = tf.function(self._loss, autograph=False).get_concrete_function(
+        tf.nest.map_structure(lambda t: merged(tf.TensorSpec(
+            t.shape[1:], t.dtype)), targets),
+        tf.nest.map_structure(merged, y_spec))
+    return tf.nest.flatten(concrete.structured_outputs)[0].dtype
+
+
+def updates(step: Any, inputs: Nest, targets: Nest, loss: Callable, *,
+            k1: int, k2: int, initial_states: Nest | None = None,
+            variables: list[tf.Variable] | None = None,
+            training: bool | tf.Tensor | None = None) -> list[Update]:
+  """Every update of BPTT(k2; k1) over one sequence, in one graph.
+
+  A shortcut for `Updater(step, loss, ...).updates(inputs, targets, ...)`;
+  build an `Updater` once to reuse its compiled function across calls.
+
+  >>> cell = keras.layers.GRUCell(8)
+  >>> x, y = tf.random.normal([4, 20, 3]), tf.random.normal([4, 20, 8])
+  >>> pairs = stepper.tbptt.updates(
+  ...     cell, x, y, keras.losses.MeanSquaredError(), k1=5, k2=8)
+  >>> len(pairs)  # Updates at steps 5, 10, 15, 20; each backpropagates 8.
+  4
+
+  Args:
+    step: As in `Updater`.
+    inputs: As in `Updater.updates`.
+    targets: As in `Updater.updates`.
+    loss: As in `Updater`.
+    k1: As in `Updater`.
+    k2: As in `Updater`.
+    initial_states: As in `Updater.updates`.
+    variables: As in `Updater`.
+    training: As in `Updater`.
+
+  Returns:
+    One `(loss_j, grads_j)` per update (see `Updater.updates`).
+
+  Raises:
+    ValueError: As in `Updater` and `Updater.updates`.
+  """
+  updater = Updater(step, loss, k1=k1, k2=k2, variables=variables,
+                    training=training)
+  return updater.updates(inputs, targets, initial_states)
+
+
+def iterate(step: Any, inputs: Nest, targets: Nest, loss: Callable, *,
+            k1: int, k2: int, initial_states: Nest | None = None,
+            variables: list[tf.Variable] | None = None,
+            training: bool | tf.Tensor | None = None) -> Iterator[Update]:
+  """Yields the updates of BPTT(k2; k1) one at a time, lazily.
+
+  A shortcut for `Updater(step, loss, ...).iterate(inputs, targets, ...)`:
+  apply each update before requesting the next for online TBPTT.
+
+  >>> optimizer = keras.optimizers.SGD(0.1)
+  >>> for loss_j, grads_j in stepper.tbptt.iterate(
+  ...     cell, x, y, keras.losses.MeanSquaredError(), k1=5, k2=8):
+  ...   optimizer.apply_gradients(zip(grads_j, cell.trainable_variables))
+
+  Args:
+    step: As in `Updater`.
+    inputs: As in `Updater.updates`.
+    targets: As in `Updater.updates`.
+    loss: As in `Updater`.
+    k1: As in `Updater`.
+    k2: As in `Updater`.
+    initial_states: As in `Updater.updates`.
+    variables: As in `Updater`.
+    training: As in `Updater`.
+
+  Returns:
+    An iterator of `(loss_j, grads_j)` (see `Updater.iterate`).
+
+  Raises:
+    ValueError: As in `Updater` and `Updater.updates`, at the call.
+  """
+  updater = Updater(step, loss, k1=k1, k2=k2, variables=variables,
+                    training=training)
+  return updater.iterate(inputs, targets, initial_states)
+
+
+def _merge_time_into_batch(x: tf.Tensor) -> tf.Tensor:
+  """`[time, batch, ...]` -> `[time * batch, ...]`, static tail kept."""
+  merged = tf.reshape(x, tf.concat([[-1], tf.shape(x)[2:]], 0))
+  merged.set_shape(tf.TensorShape([None]).concatenate(x.shape[2:]))
+  return merged
