@@ -111,6 +111,13 @@ class BidirectionalTest(tf.test.TestCase, parameterized.TestCase):
         case.x, case.init, _MASKS[mask])
     testing.assert_nests_close(actual, expected, rtol=1e-10)
 
+  def test_sequence_length_last_outputs_match_keras_bidirectional(self):
+    case = _Case("lstm", "float64", return_sequences=False)
+    expected = case.keras_run(_RIGHT)
+    actual = case.stepper_fn(sequence_length=_LENGTHS,
+                             return_sequences=False)(case.x, case.init, None)
+    testing.assert_nests_close(actual, expected, rtol=1e-10)
+
   @parameterized.named_parameters(*testing.MODES)
   def test_float32_lstm_in_modes_matches_keras_bidirectional(self, mode):
     case = _Case("lstm", "float32", merge_mode="sum")

@@ -468,14 +468,17 @@ class BadInputTest(tf.test.TestCase, parameterized.TestCase):
        r"`mask` must be \[batch, time\] like the inputs"))
   def test_model_rnn_raises_at_run_time_on_bad_unknown_shapes(
       self, shape, dtype, value, message):
-    """With unknown shapes or values only a run-time check can tell."""
+    """With unknown shapes or values only a run-time check can tell; it runs
+    before any use of the argument (reversed rows use the lengths first)."""
     name = "mask" if dtype == tf.bool else "sequence_length"
-    run = tf.function(
-        lambda x, v: stepper.model_rnn(self.cell, x, **{name: v}),
-        input_signature=[tf.TensorSpec([None, None, 4]),
-                         tf.TensorSpec(shape, dtype)])
-    with self.assertRaisesRegex(tf.errors.InvalidArgumentError, message):
-      run(self.x, value)
+    for reverse in (False, True):
+      run = tf.function(
+          lambda x, v, reverse=reverse: stepper.model_rnn(
+              self.cell, x, reverse=reverse, **{name: v}),
+          input_signature=[tf.TensorSpec([None, None, 4]),
+                           tf.TensorSpec(shape, dtype)])
+      with self.assertRaisesRegex(tf.errors.InvalidArgumentError, message):
+        run(self.x, value)
 
 
 if __name__ == "__main__":
