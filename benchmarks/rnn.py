@@ -46,7 +46,7 @@ _REPEATS = flags.DEFINE_integer("repeats", 20, "Timed rounds per config.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed calls per variant.")
 _EAGER_REPEATS = flags.DEFINE_integer(
     "eager_repeats", 3, "Timed rounds of the (slow) eager loop.")
-_CHUNK_SIZE = flags.DEFINE_integer("chunk_size", 100,
+_CHUNK_SIZE = flags.DEFINE_integer("chunk_size", 50,
                                    "Chunk size of the run_chunks variants.")
 _SWEEP = flags.DEFINE_bool("sweep", False, "Also run the sweep over time.")
 _SWEEP_CONFIG = flags.DEFINE_string("sweep_config", "medium",
@@ -86,7 +86,7 @@ class Options:
   repeats: int = 20
   warmup: int = 2
   eager_repeats: int = 3
-  chunk_size: int = 100
+  chunk_size: int = 50
   sweep: bool = False
   sweep_config: str = "medium"
   sweep_times: list[int] = dataclasses.field(default_factory=list)

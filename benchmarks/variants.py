@@ -18,6 +18,7 @@ import keras
 import tensorflow as tf
 
 import stepper
+from stepper import _fastpath
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +113,11 @@ def _model_rnn(cell: keras.layers.Layer, x: tf.Tensor) -> tf.Tensor:
   return stepper.model_rnn(cell, x)[0]
 
 
+def _plain_model_rnn(cell: keras.layers.Layer, x: tf.Tensor) -> tf.Tensor:
+  with _fastpath.disabled():  # Active while tracing, where it matters.
+    return stepper.model_rnn(cell, x)[0]
+
+
 def _run_chunks(gradient: str, chunk_size: int) -> Callable:
   def forward(cell, x):
     return stepper.run_chunks(cell, x, chunk_size, gradient=gradient)[0]
@@ -166,6 +172,12 @@ _BUILDERS = {
     "stepper_xla": (
         "stepper.model_rnn in tf.function(jit_compile=True)",
         lambda c, cell, k: _graph(_model_rnn, cell, jit_compile=True)),
+    "stepper_plain": (
+        "stepper.model_rnn without its fast paths (before), tf.function",
+        lambda c, cell, k: _graph(_plain_model_rnn, cell)),
+    "stepper_plain_xla": (
+        "stepper.model_rnn without its fast paths (before), XLA",
+        lambda c, cell, k: _graph(_plain_model_rnn, cell, jit_compile=True)),
     "while_loop_xla": (
         "the hand-written loop in tf.function(jit_compile=True)",
         lambda c, cell, k: _graph(hand_written_loop, cell, jit_compile=True)),

@@ -1,0 +1,145 @@
+"""Engine fast paths that change how fast the loop runs, never what it computes.
+
+Two mechanisms, found by profiling the engine's `tf.while_loop`:
+
+1. `weights_read_once(step)`: the step's trainable Keras variables are read
+   once, before the loop, and the loop body sees those tensors instead of a
+   `ReadVariableOp` per step (a `keras.StatelessScope` maps each variable to
+   its value). Graph mode saves the reads; under XLA it also stops the
+   backward pass from stacking a copy of every weight per step (an
+   accumulator of `[time, *weight.shape]`).
+2. `output_array(spec, size, batch)`: under XLA, per-step outputs go into a
+   preallocated `[time, batch, ...]` buffer through a `tf.custom_gradient`
+   write whose backward pass returns only that step's slice of the incoming
+   gradient. The gradient of `TensorArray.write` (a `TensorListSetItem`
+   zeroing one slot) costs XLA two full copies of the `[time, batch, ...]`
+   gradient on every backward step, so time grew with `time ** 2`.
+
+`disabled()` turns both off: tests compare the two engines for exact
+equality and the benchmark reports before/after numbers.
+"""
+
+import contextlib
+from typing import Any, Iterator
+
+import keras
+# Private APIs, for want of public ones: whether an outer stateless scope is
+# active, and whether the graph is being built for XLA
+# (`tf.function(jit_compile=True)`, also Keras' `jit_compile=True`).
+from keras.src.backend.common.stateless_scope import in_stateless_scope
+import tensorflow as tf
+from tensorflow.python.ops import control_flow_util  # pylint: disable=g-direct-tensorflow-import
+
+_enabled = True
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+  """Runs the plain engine: no weight hoisting, `TensorArray` outputs."""
+  global _enabled
+  previous, _enabled = _enabled, False
+  try:
+    yield
+  finally:
+    _enabled = previous
+
+
+class _ReadOnceScope(keras.StatelessScope):
+  """Maps variables to values read once; assignments still happen.
+
+  `keras.StatelessScope` records every `assign` in the scope instead of
+  applying it. Keras dropout advances a `SeedGenerator` state variable at
+  every call, so recording would freeze the masks and lose the updates:
+  here assignments go to the variable as they do outside any scope.
+  """
+
+  def __init__(self, state_mapping):
+    super().__init__(state_mapping, collect_losses=True)
+
+  def add_update(self, update):
+    variable, value = update
+    variable._direct_assign(value)  # pylint: disable=protected-access
+
+  def add_loss(self, loss):
+    raise ValueError(
+        "A layer of the step added a loss (an activity regularizer or "
+        "`add_loss`) inside stepper's loop; a per-step loss tensor cannot "
+        "leave the loop. Return the penalty as part of the step's output and "
+        "add it to the loss outside.")
+
+
+def weights_read_once(step: Any) -> contextlib.AbstractContextManager:
+  """A scope in which `step`'s trainable Keras variables are read once.
+
+  Gradients are unchanged: the tape records each variable's one read, and
+  the loop's tensors flow from it. Only trainable variables are mapped:
+  non-trainable state (seed generators, moving statistics) is read and
+  written per step as before. Eager execution (no loop graph) and an outer
+  stateless scope (whose mapping must win) get no hoisting.
+
+  Args:
+    step: A `stepper.Step`.
+
+  Returns:
+    A context manager to trace the loop in.
+  """
+  if (not _enabled or tf.executing_eagerly()
+      or in_stateless_scope()):
+    return contextlib.nullcontext()
+  variables = [v for v in step.trainable_variables
+               if isinstance(v, keras.Variable)]
+  if not variables:
+    return contextlib.nullcontext()
+  return _ReadOnceScope([(v, tf.identity(v.value)) for v in variables])
+
+
+def in_xla() -> bool:
+  """Whether the current graph is being compiled with XLA."""
+  return control_flow_util.GraphOrParentsInXlaContext(
+      tf.compat.v1.get_default_graph())
+
+
+class SequenceBuffer(tf.experimental.ExtensionType):
+  """A `[time, batch, ...]` buffer with `TensorArray`'s `write`/`stack`.
+
+  Every slot must be written exactly once and the buffer must start as
+  zeros: the gradient of `write` passes the incoming gradient through to the
+  previous buffer unchanged instead of zeroing the written slot (which would
+  copy the whole buffer); the only extra gradient reaches the initial zeros,
+  a constant.
+  """
+  values: tf.Tensor
+
+  def write(self, index: tf.Tensor, value: tf.Tensor) -> "SequenceBuffer":
+    return SequenceBuffer(_write(self.values, value, index))
+
+  def stack(self) -> tf.Tensor:
+    return self.values
+
+
+@tf.custom_gradient
+def _write(values: tf.Tensor, value: tf.Tensor, index: tf.Tensor):
+  updated = tf.tensor_scatter_nd_update(values, [[index]], value[None])
+
+  def grad(d_updated):
+    return d_updated, tf.gather(d_updated, index), None
+
+  return updated, grad
+
+
+def output_array(spec: tf.TensorSpec, size: Any,
+                 batch: tf.Tensor) -> tf.TensorArray | SequenceBuffer:
+  """A per-step output array: a `SequenceBuffer` under XLA, else a
+  `tf.TensorArray` (faster in graph mode, where the loop does not copy
+  TensorArray gradients).
+
+  Args:
+    spec: Spec of one step's value, `[batch, ...]`.
+    size: Number of steps: an int for the buffer; a tensor keeps a
+      `TensorArray` (XLA needs static sizes anyway).
+    batch: Batch size, a scalar tensor.
+  """
+  if _enabled and isinstance(size, int) and in_xla():
+    shape = tf.concat([[size, batch], spec.shape[1:]], 0)
+    return SequenceBuffer(tf.zeros(shape, spec.dtype))
+  return tf.TensorArray(spec.dtype, size=size, element_shape=spec.shape)
