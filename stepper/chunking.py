@@ -21,6 +21,9 @@ boundary. Here the choice is explicit:
 `stepper.tbptt` builds Williams & Peng's BPTT(k2; k1) on the same pieces.
 """
 
+# The engine's private helpers (validation, specs) are shared in the package.
+# pylint: disable=protected-access
+
 from typing import Any
 
 import tensorflow as tf
@@ -55,8 +58,9 @@ def run_chunks(
 
   The time axis is split into chunks of `chunk_size` steps (the last may be
   shorter); each chunk is one `model_rnn` run started from the previous
-  chunk's final state. All chunks run inside one `tf.while_loop`, so under
-  `tf.function` a dynamic `time` does not retrace per number of chunks.
+  chunk's final state. The full chunks run inside one `tf.while_loop` and
+  a shorter last chunk after it, so under `tf.function` a dynamic `time`
+  does not retrace per number of chunks.
 
   >>> cell = keras.layers.GRUCell(8)
   >>> x = tf.random.normal([4, 20, 3])
@@ -69,6 +73,11 @@ def run_chunks(
   previous output forward across chunk boundaries; `sequence_length` is cut
   into per-chunk lengths; `resets` set a row back to `initial_states` (not
   to the chunk's starting state).
+
+  Under XLA (`jit_compile=True`) `time` must be static and `sequence_length`
+  is not supported (each chunk's early stop has a data-dependent length):
+  pass `mask=tf.sequence_mask(lengths, time)` with
+  `zero_output_for_mask=True` instead, which gives the same values.
 
   Args:
     step: A Keras step model, a Keras RNN cell or a callable (see
@@ -106,8 +115,8 @@ def run_chunks(
   if gradient not in _GRADIENTS:
     raise ValueError(f"`gradient` must be one of {_GRADIENTS}; got "
                      f"{gradient!r}.")
-  flat_x, batch, time = engine._time_major_inputs(step, inputs, time_major)  # pylint: disable=protected-access
-  states = engine._initial_states(step, initial_states, batch, flat_x[0])  # pylint: disable=protected-access
+  flat_x, batch, time = engine._time_major_inputs(step, inputs, time_major)
+  states = engine._initial_states(step, initial_states, batch, flat_x[0])
   controls = masking.prepare(
       mask=mask, sequence_length=sequence_length, resets=resets,
       zero_output_for_mask=zero_output_for_mask, batch=batch.value,
@@ -127,7 +136,13 @@ def run_chunks(
 
 
 class _Chunks:
-  """The while loop over chunks: one `model_rnn` call per iteration."""
+  """The chunks: a `tf.while_loop` over the full ones, then the remainder.
+
+  The `time // chunk_size` full chunks are one `[chunks, chunk_size, ...]`
+  fold of the inputs, read per iteration from a `tf.TensorArray` (static
+  chunk shapes, so XLA compiles it); the `time % chunk_size` remaining steps
+  run after the loop, the last chunk.
+  """
 
   def __init__(self, step, inputs, flat_x, states, controls, chunk_size,
                time, *, cut, engine_kwargs):
@@ -136,82 +151,127 @@ class _Chunks:
     self._flat_x = flat_x
     self._states = states
     self._controls = controls
-    self._time = time
     self._chunk_size = chunk_size
+    self._time = time
     self._cut = cut
     self._engine_kwargs = engine_kwargs
-    self._n_chunks = -(-time // chunk_size)  # Ceiling, int or tensor.
-    starts = tf.range(self._n_chunks) * chunk_size
-    self._sizes = tf.minimum(chunk_size, time - starts)
-
-  def _split(self, x: tf.Tensor) -> tf.TensorArray:
-    # TensorArray.split, not x[start:stop] per chunk: a slice's gradient is
-    # input-sized for every chunk; split's gradient is one concat.
-    return tf.TensorArray(
-        x.dtype, size=self._n_chunks, infer_shape=False,
-        element_shape=tf.TensorShape([None]).concatenate(x.shape[1:])
-    ).split(x, self._sizes)
+    self._n_full = time // chunk_size
+    self._folded_steps = self._n_full * chunk_size
+    self._y_spec = engine._output_spec(
+        step, tf.nest.pack_sequence_as(
+            self._x_structure,
+            [tf.TensorSpec(x.shape[1:], x.dtype) for x in flat_x]),
+        states, engine_kwargs["training"])
 
   def run(self) -> tuple[Nest, Nest]:
     """Returns time-major `(outputs, final_states)`."""
-    input_tas = [self._split(x) for x in self._flat_x]
-    control_tas = {name: self._split(value) for name, value in
-                   (("mask", self._controls.mask),
-                    ("resets", self._controls.resets)) if value is not None}
+    sequences = {"x": self._flat_x}
+    sequences.update({name: [value] for name, value in
+                      (("mask", self._controls.mask),
+                       ("resets", self._controls.resets))
+                      if value is not None})
+    # Parts known statically to be empty are not built: no zero-step runs.
+    parts, carried, final_states = [], self._states, self._states
+    if not _is_zero(self._n_full):
+      y_loop, carried, final_states = self._loop(sequences)
+      parts.append(y_loop)
+    remainder = self._time - self._folded_steps
+    if not _is_zero(remainder):
+      tail = {name: [v[self._folded_steps:] for v in values]
+              for name, values in sequences.items()}
+      y_tail, tail_final = self._chunk(carried, tail, self._folded_steps,
+                                       remainder)
+      parts.append(y_tail)
+      # Without a remainder the last full chunk's states are final (not the
+      # carried copy, cut under "truncate").
+      final_states = tail_final if isinstance(remainder, int) else (
+          tf.nest.map_structure(lambda a, b: tf.where(remainder > 0, a, b),
+                                tail_final, final_states))
+    flat_spec = tf.nest.flatten(self._y_spec)
+    outputs = ([tf.concat(leaves, 0) for leaves in zip(*parts)] if parts
+               else [self._empty(s) for s in flat_spec])
+    return tf.nest.pack_sequence_as(self._y_spec, outputs), final_states
+
+  def _loop(self, sequences: dict) -> tuple[list, Nest, Nest]:
+    """The full chunks: flat outputs, the carried and the final states."""
+    # TensorArray.read, not x[i]: a slice's gradient is input-sized at
+    # every iteration; unstack's gradient is one stack.
+    folded = {name: [self._unstack(self._fold(v)) for v in values]
+              for name, values in sequences.items()}
+
     def body(i, carried, final, out_tas):
       del final  # Only the last chunk's final states are returned.
-      x = tf.nest.pack_sequence_as(self._x_structure,
-                                   [ta.read(i) for ta in input_tas])
-      y, new_states = engine.model_rnn(
-          self._step, x, carried, time_major=True,
-          **self._chunk_controls(i, control_tas), _reset_to=self._states,
-          **self._engine_kwargs)
-      flat_y = tf.nest.flatten(y)
-      out_tas = [ta.write(i, y_) for ta, y_ in zip(out_tas, flat_y)]
-      next_states = (tf.nest.map_structure(tf.stop_gradient, new_states)
-                     if self._cut else new_states)
-      return i + 1, next_states, new_states, out_tas
+      read = {name: [ta.read(i) for ta in tas] for name, tas in folded.items()}
+      y, new_states = self._chunk(carried, read, i * self._chunk_size,
+                                  self._chunk_size)
+      out_tas = [ta.write(i, y_) for ta, y_ in zip(out_tas, y)]
+      return i + 1, self._next(new_states), new_states, out_tas
 
-    y_spec = self._output_spec()
-    out_tas = [tf.TensorArray(s.dtype, size=self._n_chunks, infer_shape=False,
-                              element_shape=tf.TensorShape([None]).concatenate(
-                                  s.shape))
-               for s in tf.nest.flatten(y_spec)]
-    _, _, final_states, out_tas = tf.while_loop(
-        lambda i, *_: i < self._n_chunks, body,
+    flat_spec = tf.nest.flatten(self._y_spec)
+    out_tas = [tf.TensorArray(s.dtype, size=self._n_full,
+                              element_shape=tf.TensorShape(
+                                  [self._chunk_size]).concatenate(s.shape))
+               for s in flat_spec]
+    _, carried, final_states, out_tas = tf.while_loop(
+        lambda i, *_: i < self._n_full, body,
         (0, self._states, self._states, out_tas),
-        maximum_iterations=self._n_chunks)
-    outputs = [self._concat(ta, s) for ta, s in
-               zip(out_tas, tf.nest.flatten(y_spec))]
-    return tf.nest.pack_sequence_as(y_spec, outputs), final_states
+        maximum_iterations=self._n_full)
+    return ([self._unfold(ta, s) for ta, s in zip(out_tas, flat_spec)],
+            carried, final_states)
 
-  def _chunk_controls(self, i, control_tas) -> dict:
-    """The masking arguments of chunk `i` for `model_rnn(time_major=True)`."""
+  def _next(self, states: Nest) -> Nest:
+    """The state passed to the next chunk."""
+    return tf.nest.map_structure(tf.stop_gradient, states) if self._cut else (
+        states)
+
+  def _chunk(self, states, sequences, start, size) -> tuple[list, Nest]:
+    """One `model_rnn` run over a chunk; returns flat time-major outputs."""
+    x = tf.nest.pack_sequence_as(self._x_structure, sequences["x"])
+    controls = {name: values[0] for name, values in sequences.items()
+                if name != "x"}
     if self._controls.lengths is not None:
       # dynamic_rnn semantics per chunk: lengths counted from the chunk start.
-      start = i * self._chunk_size
-      return dict(sequence_length=tf.clip_by_value(
-          self._controls.lengths - start, 0, self._sizes[i]))
-    kwargs = {name: ta.read(i) for name, ta in control_tas.items()}
-    if "mask" in kwargs:
-      # Carry-forward of outputs across chunks happens after the loop.
-      kwargs["zero_output_for_mask"] = True
-    return kwargs
+      controls = dict(sequence_length=tf.clip_by_value(
+          self._controls.lengths - start, 0, size))
+    elif "mask" in controls:
+      # Carry-forward of outputs across chunks happens after the run.
+      controls["zero_output_for_mask"] = True
+    y, new_states = engine.model_rnn(
+        self._step, x, states, time_major=True, _reset_to=self._states,
+        **controls, **self._engine_kwargs)
+    return tf.nest.flatten(y), new_states
 
-  def _output_spec(self) -> Nest:
-    x_spec = tf.nest.pack_sequence_as(
-        self._x_structure,
-        [tf.TensorSpec(x.shape[1:], x.dtype) for x in self._flat_x])
-    return engine._output_spec(self._step, x_spec, self._states,  # pylint: disable=protected-access
-                               self._engine_kwargs["training"])
+  def _fold(self, x: tf.Tensor) -> tf.Tensor:
+    """`[time, ...]` -> `[time // chunk_size, chunk_size, ...]`."""
+    folded = tf.reshape(x[:self._folded_steps], tf.concat(
+        [[self._n_full, self._chunk_size], tf.shape(x)[1:]], 0))
+    folded.set_shape(tf.TensorShape(
+        [self._n_full if isinstance(self._n_full, int) else None,
+         self._chunk_size]).concatenate(x.shape[1:]))
+    return folded
 
-  def _concat(self, ta: tf.TensorArray, spec: tf.TensorSpec) -> tf.Tensor:
+  def _unstack(self, folded: tf.Tensor) -> tf.TensorArray:
+    return tf.TensorArray(folded.dtype, size=self._n_full,
+                          element_shape=folded.shape[1:]).unstack(folded)
+
+  def _empty(self, spec: tf.TensorSpec) -> tf.Tensor:
     batch = tf.shape(self._flat_x[0])[1]
-    empty = lambda: tf.zeros(tf.concat([[0, batch], spec.shape[1:]], 0),
-                             spec.dtype)
-    if isinstance(self._n_chunks, int):
-      return ta.concat() if self._n_chunks else empty()
-    return tf.cond(self._n_chunks > 0, ta.concat, empty)
+    return tf.zeros(tf.concat([[0, batch], spec.shape[1:]], 0), spec.dtype)
+
+  def _unfold(self, ta: tf.TensorArray, spec: tf.TensorSpec) -> tf.Tensor:
+    """The loop's outputs `[n_full * chunk_size, batch, ...]`."""
+    if isinstance(self._n_full, int):
+      stacked = ta.stack()
+    else:  # An empty stack needs a fully known element shape.
+      stacked = tf.cond(self._n_full > 0, ta.stack,
+                        lambda: self._empty(spec)[None])
+    return tf.reshape(stacked, tf.concat(
+        [[self._folded_steps], tf.shape(stacked)[2:]], 0))
+
+
+def _is_zero(value: int | tf.Tensor) -> bool:
+  """Whether `value` is statically known to be zero."""
+  return isinstance(value, int) and value == 0
 
 
 def _carry_forward(y: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:
@@ -225,7 +285,7 @@ def _carry_forward(y: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:
   time = tf.shape(mask)[0]
   steps = tf.where(mask, tf.range(time)[:, None], -1)  # [time, batch]
   last_valid = tf.scan(tf.maximum, steps)
-  swap = engine._swap_batch_time  # pylint: disable=protected-access
+  swap = engine._swap_batch_time
   picked = swap(tf.gather(swap(y), tf.transpose(tf.maximum(last_valid, 0)),
                           axis=1, batch_dims=1))
   seen = tf.reshape(last_valid >= 0, tf.concat(
@@ -237,7 +297,7 @@ def _finish(y: tf.Tensor, sequence_shape: tf.TensorShape,
             time_major: bool) -> tf.Tensor:
   """Restores the static `[time, batch]` shape lost in the loop."""
   y.set_shape(sequence_shape.concatenate(y.shape[2:]))
-  return y if time_major else engine._swap_batch_time(y)  # pylint: disable=protected-access
+  return y if time_major else engine._swap_batch_time(y)
 
 
 class StatefulRunner(tf.Module):
@@ -277,8 +337,8 @@ class StatefulRunner(tf.Module):
     super().__init__(name=name)
     self._step = steps_lib.as_step(step)
     self._batch_size = _checks.check_positive_int(batch_size, "batch_size")
-    batch = engine._Dim(batch_size, tf.constant(batch_size))  # pylint: disable=protected-access
-    initial = engine._initial_states(self._step, initial_states, batch, None)  # pylint: disable=protected-access
+    batch = engine._Dim(batch_size, tf.constant(batch_size))
+    initial = engine._initial_states(self._step, initial_states, batch, None)
     self._initial = tf.nest.map_structure(tf.convert_to_tensor, initial)
     self._state_variables = [
         tf.Variable(s, trainable=False, name=f"state_{i}")
@@ -346,7 +406,7 @@ class StatefulRunner(tf.Module):
                        f"{_checks.shape_str(where.shape)}.")
     for variable, value in zip(self._state_variables,
                                tf.nest.flatten(self._initial)):
-      variable.assign(engine._select(where, value, variable))  # pylint: disable=protected-access
+      variable.assign(engine._select(where, value, variable))
 
   def _check_batch(self, chunk: Nest) -> None:
     flat = tf.nest.flatten(chunk)
