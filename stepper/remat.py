@@ -164,9 +164,11 @@ class _Segments:
 
     def segment(j, n, carry):
       cut = lambda ta: ta.read(j) if n is k else ta.read(j)[:n]
-      ys, all_states, flat_states, last = self._segment(
-          n, [cut(ta) for ta in x_segments],
-          {name: cut(ta) for name, ta in control_segments.items()}, *carry)
+      # The backward pass reads the segment's inputs again: the inputs stay
+      # in their TensorArray instead of being kept once more per segment.
+      read = lambda: ([cut(ta) for ta in x_segments],
+                      {name: cut(ta) for name, ta in control_segments.items()})
+      ys, all_states, flat_states, last = self._segment(n, read, *carry)
       return ys + all_states, (flat_states, last)
 
     static = isinstance(k, int) and isinstance(n_steps, int)
@@ -222,13 +224,13 @@ class _Segments:
 
     return [merge(ta, s) for ta, s in zip(tas, self._row_specs)], carry
 
-  def _segment(self, n, x, controls, flat_states, last):
+  def _segment(self, n, read, flat_states, last):
     """`n >= 1` steps from `(flat_states, last)`, recomputed for gradients.
 
     Args:
       n: Number of steps (an int, or an int32 scalar tensor).
-      x: Flat inputs of the segment, each `[n, batch, ...]`.
-      controls: The segment's bool `[n, batch]` mask and resets, by name.
+      read: Returns the segment's flat inputs, each `[n, batch, ...]`, and
+        its bool `[n, batch]` mask and resets by name.
       flat_states: Flat states before the segment, each `[batch, ...]`.
       last: The carried last output (empty unless the loop carries it).
 
@@ -237,6 +239,7 @@ class _Segments:
     """
     # The reset target is an input too: gradients flow to it through resets.
     reset_to = list(self._loop._flat_reset) if self._resets else []
+    x, controls = read()
     groups = [list(flat_states), list(last), list(x), reset_to]
     # The values the step's written variables had when the segment started.
     snapshot = [tf.identity(v.read_value()) for v in self._written]
@@ -251,9 +254,12 @@ class _Segments:
         result = self._steps(n, controls, *_split(flat_args, groups))
 
       def grad_fn(*d_result, variables=None):
+        x, controls = read()
+        args = _split(flat_args, groups)
+        args[2] = x
         with _handles_from(self._variables, handles):
-          return self._backward(n, controls, flat_args, groups, snapshot,
-                                d_result, variables or [])
+          return self._backward(n, controls, tf.nest.flatten(args), groups,
+                                snapshot, d_result, variables or [])
 
       return tf.nest.flatten(result), grad_fn
 
@@ -340,9 +346,10 @@ def _segments_of(x: tf.Tensor, k, time) -> tf.TensorArray:
                   [[0, 0]] * (x.shape.rank - 1))
   segments = tf.reshape(padded, tf.concat(
       [[n_segments, k], tf.shape(x)[1:]], 0))
-  return tf.TensorArray(x.dtype, size=n_segments, element_shape=(
-      tf.TensorShape([k if isinstance(k, int) else None])
-      .concatenate(x.shape[1:]))).unstack(segments)
+  return tf.TensorArray(
+      x.dtype, size=n_segments, clear_after_read=False,  # Read twice.
+      element_shape=(tf.TensorShape([k if isinstance(k, int) else None])
+                     .concatenate(x.shape[1:]))).unstack(segments)
 
 
 def _unstack(x: tf.Tensor, size) -> tf.TensorArray:
