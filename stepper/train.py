@@ -142,6 +142,8 @@ class Trainer:
     self._update_function = tf.function(self._tbptt_step,
                                         reduce_retracing=True)
     self._updater = None  # A `tbptt.Updater`, set by `_build`.
+    self._start_function = tf.function(self._start_states,
+                                       reduce_retracing=True)
     self._eval_function = tf.function(self._eval_step)
     self._grads = tf.function(self._loss_and_grads, jit_compile=True) if (
         self._jit_compile) else self._loss_and_grads
@@ -199,7 +201,6 @@ class Trainer:
     self._check_dataset(dataset, "dataset")
     if validation_data is not None:
       self._check_dataset(validation_data, "validation_data")
-    self._build(dataset.element_spec)
     iterator = self._iterator(dataset)
     manager = self._checkpoint_manager(iterator, restore=not self._resumed)
     self._resumed = True
@@ -207,8 +208,8 @@ class Trainer:
     self.stop_training = False
     callbacks.call("on_train_begin")
     for epoch in range(epochs):
-      logs = self._run_epoch(iterator, epoch, epochs, steps, callbacks,
-                             verbose)
+      logs = self._run_epoch(iterator, epoch, epochs, steps,
+                             steps or _known_size(dataset), callbacks, verbose)
       if validation_data is not None:
         logs["val_loss"] = self.evaluate(validation_data)["loss"]
         self._write_scalars({"val_loss": logs["val_loss"]})
@@ -236,7 +237,6 @@ class Trainer:
       ValueError: As in `fit`, for a malformed dataset.
     """
     self._check_dataset(dataset, "dataset")
-    self._build(dataset.element_spec)
     iterator = self._iterator(dataset)
     total = count = 0.0
     while True:
@@ -258,16 +258,20 @@ class Trainer:
   # Building and checkpoints.
 
   def _build(self, element_spec: tuple) -> None:
-    """Creates every variable (inside the strategy's scope) with one
-    1-step run on zeros, then the optimizer's slots."""
+    """Creates every variable inside the strategy's scope, then the
+    optimizer's slots.
+
+    One eager step on zeros: lazily built layers (cells, the head) must not
+    create their variables inside a trace, which a `MirroredStrategy`
+    cannot lift out.
+    """
     if self._trainable is not None:
       return
-    inputs_spec = element_spec[0]
-    zeros = tf.nest.map_structure(
-        lambda s: tf.zeros([1, 1] + s.shape[2:].as_list(), s.dtype),
-        inputs_spec)
+    x_t = tf.nest.map_structure(
+        lambda s: tf.zeros([1] + s.shape[2:].as_list(), s.dtype),
+        element_spec[0])
     with self._strategy.scope():
-      engine.model_rnn(self._model, zeros)
+      self._model(x_t, self._model.initial_state(1), False)
       self._trainable = _unique(self._step.trainable_variables + (
           list(self._head.trainable_variables) if self._head is not None
           else []))
@@ -307,10 +311,11 @@ class Trainer:
   # The epoch loop.
 
   def _run_epoch(self, iterator, epoch: int, epochs: int, steps: int | None,
-                 callbacks: "_Callbacks", verbose: int) -> dict[str, float]:
+                 target: int | None, callbacks: "_Callbacks",
+                 verbose: int) -> dict[str, float]:
     if verbose:
       print(f"Epoch {epoch + 1}/{epochs}")
-    progbar = keras.utils.Progbar(steps, verbose=verbose,
+    progbar = keras.utils.Progbar(target, verbose=verbose,
                                   stateful_metrics=["steps/s"])
     callbacks.call("on_epoch_begin", epoch)
     losses = []
@@ -323,7 +328,7 @@ class Trainer:
         break
       for loss, grad_norm in updates:
         logs = dict(loss=float(loss), grad_norm=float(grad_norm),
-                    learning_rate=float(self._optimizer.learning_rate))
+                    learning_rate=_learning_rate(self._optimizer))
         self._write_scalars(logs)
       # One batch: the mean over its updates (k1-step windows).
       logs["loss"] = sum(float(loss) for loss, _ in updates) / len(updates)
@@ -338,7 +343,7 @@ class Trainer:
       raise ValueError(
           "`dataset` produced no batch in this epoch. Pass a non-empty "
           "dataset; with `steps`, repeat it (`dataset.repeat()`).")
-    if steps is None and verbose:
+    if verbose and len(losses) != target:
       progbar.update(len(losses), finalize=True)
     return {"loss": sum(losses) / len(losses)}
 
@@ -363,7 +368,7 @@ class Trainer:
     if self._tbptt is None:
       return [self._train_function(iterator)]
     inputs, targets = next(iterator)
-    states = self._strategy.run(self._start_states, (inputs,))
+    states = self._start_function(inputs)
     first = self._strategy.experimental_local_results(
         tf.nest.flatten(inputs)[0])[0]
     updates = []
@@ -374,8 +379,10 @@ class Trainer:
     return updates
 
   def _start_states(self, inputs: Nest) -> Nest:
-    batch = tf.shape(tf.nest.flatten(inputs)[0])[0]
-    return self._model.initial_state(batch)
+    """Each replica's initial states for its rows of `inputs`."""
+    def start(inputs):
+      return self._model.initial_state(tf.shape(tf.nest.flatten(inputs)[0])[0])
+    return self._strategy.run(start, (inputs,))
 
   def _tbptt_step(self, inputs: Nest, targets: tf.Tensor, states: Nest,
                   j: tf.Tensor):
@@ -501,10 +508,16 @@ class Trainer:
     if not isinstance(targets_spec, tf.TensorSpec):
       raise ValueError(f"`{name}` targets must be one tensor; got "
                        f"{targets_spec}.")
+    self._build(spec)
+    # Here, not only while tracing: the error is then raised as it is.
+    self._targets_per_step(inputs_spec, targets_spec)
 
   def _targets_per_step(self, inputs: Nest, targets: tf.Tensor) -> bool:
     """Whether `targets` are per step (else sequence-level); see the class
-    docstring for the rule. Raises a ValueError if they fit neither."""
+    docstring for the rule. Raises a ValueError if they fit neither.
+
+    `inputs` and `targets` may be tensors or `tf.TensorSpec`s.
+    """
     flat = tf.nest.flatten(inputs)
     batch, time = flat[0].shape[0], flat[0].shape[1]
     x_spec = tf.nest.map_structure(
@@ -549,6 +562,19 @@ def _target_layout(targets: tf.Tensor, y_shape: tf.TensorShape,
       f"no prediction: expected {expected}; for sparse labels drop the last "
       f"dimension. The step (with the head) predicts "
       f"{_checks.shape_str(y_shape)} per step.")
+
+
+def _learning_rate(optimizer: keras.optimizers.Optimizer) -> float:
+  """The current rate (a schedule's value at this step)."""
+  rate = optimizer.learning_rate
+  # A Keras variable wraps a tf.Variable, mirrored under a strategy.
+  return float(tf.convert_to_tensor(getattr(rate, "value", rate)))
+
+
+def _known_size(dataset: tf.data.Dataset) -> int | None:
+  """The number of batches if `tf.data` knows it (for the Progbar)."""
+  size = int(dataset.cardinality())
+  return size if size >= 0 else None
 
 
 def _fold_time(x: tf.Tensor) -> tf.Tensor:
