@@ -1,0 +1,63 @@
+"""Runs `python -m stepper.demo` with tiny flags, as CI and README do."""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import tensorflow as tf
+
+_TINY_FLAGS = ["--steps=4", "--time=6", "--batch=4", "--units=4",
+               "--k_short=2", "--k1=2", "--k2=4", "--test_size=8"]
+_RUNS = ["full BPTT", "TBPTT(k1=k2=2)", "TBPTT(k1=2,k2=4)"]
+
+
+def _table(stdout: str) -> dict[str, list[float]]:
+  """The final table's rows, `run -> [loss, accuracy, seconds, MiB]`."""
+  lines = stdout.splitlines()
+  header = next(i for i, line in enumerate(lines) if line.startswith("run "))
+  columns = [c.strip() for c in lines[header].split("|")]
+  assert columns == ["run", "test loss", "accuracy", "time s", "peak MiB"], (
+      columns)
+  rows = {}
+  for line in lines[header + 1:header + 1 + len(_RUNS)]:
+    cells = [c.strip() for c in line.split("|")]
+    rows[cells[0]] = [float(c) for c in cells[1:]]
+  return rows
+
+
+class DemoTest(tf.test.TestCase):
+
+  def test_demo_writes_plot_logs_and_a_parsable_table(self):
+    output_dir = tempfile.mkdtemp(dir=self.get_temp_dir())
+    result = subprocess.run(
+        [sys.executable, "-m", "stepper.demo", f"--output_dir={output_dir}",
+         *_TINY_FLAGS], capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"), check=False)
+    self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+
+    table = _table(result.stdout)
+    self.assertEqual(list(table), _RUNS)
+    for loss, accuracy, seconds, memory in table.values():
+      self.assertGreater(loss, 0.0)
+      self.assertBetween(accuracy, 0.0, 1.0)
+      self.assertGreater(seconds, 0.0)
+      self.assertGreater(memory, 0.0)
+    self.assertIn("vs control 'gru' (float32): PASS", result.stdout)
+    self.assertIn(f"outputs in {output_dir}", result.stdout)
+
+    with open(os.path.join(output_dir, "learning_curves.png"), "rb") as f:
+      self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
+    for i in range(len(_RUNS)):
+      self.assertLen(glob.glob(os.path.join(
+          output_dir, "tensorboard", f"{i}_*", "events.out.tfevents.*")), 1)
+    with open(os.path.join(output_dir, "results.json")) as f:
+      results = json.load(f)
+    self.assertTrue(results["verify"]["ok"])
+    self.assertEqual([len(r["curve"]) for r in results["runs"]], [4, 4, 4])
+
+
+if __name__ == "__main__":
+  tf.test.main()
