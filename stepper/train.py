@@ -52,9 +52,9 @@ class Trainer:
   ...                           optimizer=keras.optimizers.Adam(1e-2))
   >>> dataset = tf.data.Dataset.from_tensor_slices(
   ...     (tf.random.normal([64, 20, 2]), tf.random.normal([64, 1]))).batch(16)
-  >>> history = trainer.fit(dataset, epochs=2)
-  >>> history["loss"]            # one mean training loss per epoch
-  [1.07..., 1.01...]
+  >>> history = trainer.fit(dataset, epochs=2)   # a Progbar per epoch
+  >>> len(history["loss"])       # one mean training loss per epoch
+  2
 
   Dataset elements are `(inputs, targets)`. `inputs` is a tensor or nest,
   each leaf `[batch, time, ...]`. `targets` is either per step,
@@ -68,7 +68,13 @@ class Trainer:
   Under a `tf.distribute.Strategy`, build the step model and the head and
   create the optimizer inside `strategy.scope()` (as for `keras.Model.fit`).
   Layers that build lazily (RNN cells, `Dense`) are built by the trainer
-  inside the scope.
+  inside the scope. Each replica computes its rows' share of the global mean
+  loss and gradient; the optimizer sums the shares. Several machines: set
+  `TF_CONFIG` on each worker and pass
+  `tf.distribute.MultiWorkerMirroredStrategy()`; the same code runs (batch
+  the dataset with the global batch size). A distributed iterator is not
+  checkpointable, so under a strategy a resumed `fit` restarts the data
+  stream (model, optimizer and step counter are restored).
 
   Attributes:
     history: Dict of lists: `loss` (the mean training loss of each epoch),
@@ -97,7 +103,12 @@ class Trainer:
         The training loss is its mean over steps and batch.
       optimizer: A `keras.optimizers.Optimizer`.
       tbptt: `None` for full BPTT, or `(k1, k2)` with `1 <= k1 <= k2`: an
-        optimizer update every `k1` steps, backpropagating `k2` steps.
+        optimizer update every `k1` steps, backpropagating `k2` steps
+        (`stepper.tbptt.Updater`, online: update `j + 1` sees the weights
+        update `j` set). Each batch holds independent sequences: the state
+        is carried from window to window within the batch and starts from
+        the initial state at the next batch, so checkpoints (between
+        batches) need no carried state.
       gradient_clip_norm: Clip the gradient of each update to this global
         norm (`tf.clip_by_global_norm`), after summing over replicas.
       strategy: A `tf.distribute.Strategy`; defaults to the current one.

@@ -121,6 +121,25 @@ class TrainerTest(tf.test.TestCase, parameterized.TestCase):
                                atol=1e-7)
     self.assertAllClose(history["loss"], [float(loss)], rtol=1e-6)
 
+  def test_sparse_labels_match_hand_written_tape(self):
+    keras.utils.set_random_seed(7)
+    x, _ = _data()
+    labels = np.random.default_rng(7).integers(0, 3, size=(BATCH, TIME))
+    step, head = _gru_step(), keras.layers.Dense(3)
+    recorder = _Recorder(capacity=1)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    trainer = stepper.Trainer(step, head, loss=loss, optimizer=recorder)
+    trainer.fit(_dataset(x, labels), verbose=0)
+
+    variables = step.trainable_variables + head.trainable_variables
+    with tf.GradientTape() as tape:
+      logits = head(stepper.model_rnn(step, tf.constant(x))[0])
+      reference = tf.reduce_mean(
+          tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits))
+    testing.assert_nests_close(recorder.recorded(0),
+                               tape.gradient(reference, variables),
+                               rtol=1e-5, atol=1e-7)
+
   @parameterized.named_parameters(
       ("k1_eq_k2", 2, 2), ("k1_lt_k2", 2, 3), ("k2_eq_time", 3, TIME))
   def test_tbptt_updates_match_tbptt_reference(self, k1, k2):
