@@ -19,6 +19,9 @@ backpropagates `k2` steps, to step `(j+1)*k1 - k2`, whose entering state is a
 constant; exactly the gradient `stepper.tbptt.updates` defines.
 """
 
+# The engine's and tbptt's private helpers are shared in the package.
+# pylint: disable=protected-access
+
 import collections
 import time as time_lib
 from typing import Any, Callable, Iterable, Sequence
@@ -417,8 +420,10 @@ class Trainer:
     """`tbptt.Updater`'s update `j` on this replica's rows, then applied."""
     ctx = tf.distribute.get_replica_context()
     self._targets_per_step(inputs, targets)  # Checks the targets' shape.
-    time_major = lambda x: engine._swap_batch_time(x)  # pylint: disable=protected-access
-    loss, grads, next_states, _ = self._updater._update(  # pylint: disable=protected-access
+    # Updater's per-window step (package-private): `iterate` is a Python
+    # generator, which cannot run per replica inside `strategy.run`.
+    time_major = engine._swap_batch_time
+    loss, grads, next_states, _ = self._updater._update(
         tf.nest.map_structure(time_major, inputs), time_major(targets),
         states, j)
     # `loss` is this replica's mean; weight it by its share of the rows.

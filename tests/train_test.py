@@ -1,4 +1,4 @@
-"""Tests for `stepper.Trainer` against hand-written tapes and `stepper.tbptt`."""
+"""Tests for `stepper.Trainer` against hand-written tapes and stepper.tbptt."""
 
 import glob
 import json
