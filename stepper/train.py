@@ -226,7 +226,7 @@ class Trainer:
                              steps or _known_size(dataset), callbacks, verbose)
       if validation_data is not None:
         logs["val_loss"] = self.evaluate(validation_data)["loss"]
-        self._write_scalars({"val_loss": logs["val_loss"]})
+        self._write_scalars({"val_loss": logs["val_loss"]}, self.global_step)
       for key, value in logs.items():
         self.history[key].append(value)
       if steps is None:  # The next epoch's pass, saved at its start.
@@ -340,10 +340,11 @@ class Trainer:
         updates = self._train_batch(iterator)
       except (StopIteration, tf.errors.OutOfRangeError):
         break
-      for loss, grad_norm in updates:
+      first = self.global_step - len(updates) + 1
+      for i, (loss, grad_norm) in enumerate(updates):
         logs = dict(loss=float(loss), grad_norm=float(grad_norm),
                     learning_rate=_learning_rate(self._optimizer))
-        self._write_scalars(logs)
+        self._write_scalars(logs, step=first + i)
       # One batch: the mean over its updates (k1-step windows).
       logs["loss"] = sum(float(loss) for loss, _ in updates) / len(updates)
       losses.append(logs["loss"])
@@ -361,12 +362,13 @@ class Trainer:
       progbar.update(len(losses), finalize=True)
     return {"loss": sum(losses) / len(losses)}
 
-  def _write_scalars(self, scalars: dict[str, float]) -> None:
+  def _write_scalars(self, scalars: dict[str, float], step: int) -> None:
+    """Writes TensorBoard scalars at optimizer update `step`."""
     if self._logdir is None:
       return
     if self._writer is None:
       self._writer = tf.summary.create_file_writer(self._logdir)
-    with self._writer.as_default(step=int(self._global_step.numpy())):
+    with self._writer.as_default(step=step):
       for name, value in scalars.items():
         tf.summary.write(name, tf.constant(value, tf.float32),
                          metadata=_SCALAR_METADATA)

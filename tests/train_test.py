@@ -243,10 +243,13 @@ class TrainerTest(tf.test.TestCase, parameterized.TestCase):
     self.assertLen(history["val_loss"], 2)
     self.assertLen(trainer.trainable_variables, 2 * 3 + 2)
 
-  def test_logdir_has_loss_grad_norm_and_learning_rate_scalars(self):
+  @parameterized.named_parameters(("full_bptt", None, 2),
+                                  ("tbptt", (3, 3), 2 * 3))
+  def test_logdir_has_loss_grad_norm_and_learning_rate_scalars(
+      self, tbptt, n_updates):
     x, y = _data(n=8)
     logdir = tempfile.mkdtemp(dir=self.get_temp_dir())
-    trainer = stepper.Trainer(_gru_step(readout=1), loss="mse",
+    trainer = stepper.Trainer(_gru_step(readout=1), loss="mse", tbptt=tbptt,
                               optimizer=keras.optimizers.SGD(0.5),
                               logdir=logdir)
     trainer.fit(_dataset(x, y), epochs=1, validation_data=_dataset(x, y),
@@ -259,8 +262,12 @@ class TrainerTest(tf.test.TestCase, parameterized.TestCase):
               (event.step, float(tf.make_ndarray(value.tensor))))
     self.assertEqual(set(tags),
                      {"loss", "grad_norm", "learning_rate", "val_loss"})
-    self.assertEqual([s for s, _ in tags["loss"]], [1, 2])
-    self.assertAllClose([v for _, v in tags["learning_rate"]], [0.5, 0.5])
+    # One point per optimizer update, at its update number.
+    self.assertEqual([s for s, _ in tags["loss"]],
+                     list(range(1, n_updates + 1)))
+    self.assertEqual([s for s, _ in tags["val_loss"]], [n_updates])
+    self.assertAllClose([v for _, v in tags["learning_rate"]],
+                        [0.5] * n_updates)
 
   def test_callbacks_see_every_batch_and_can_stop(self):
     x, y = _data(n=16)
