@@ -10,6 +10,13 @@ gradient, buffers, temporaries). The resident set size of the child is
 reported too, before the first call and at its lifetime peak (`ru_maxrss`,
 including the TensorFlow import and compilation).
 
+Caveat: the BFC allocator hands out a free chunk whole when it is less than
+twice the request, so one large buffer (XLA allocates a call's temporaries
+as one) can be counted up to 2x (seen as powers of two: 32.5, 64.5, 128.5
+MB); many small tensors (graph mode) are counted to within 256 bytes each.
+Graph-mode figures agree with the resident set's growth; XLA's keep their
+buffer between calls, so RSS cannot check them.
+
     python -m benchmarks.memory '{"variant": "stepper", "config": "medium",
         "time": 100, "mode": "train", "runs": 2, "chunk_size": 100}'
 
@@ -30,7 +37,9 @@ METHOD = (
     "warm-up call, tf.config.experimental.reset_memory_stats, then the peak "
     "of get_memory_info('CPU:0') over further calls minus the bytes in use "
     "before them (tensors and XLA buffers one call needs); RSS: VmRSS before "
-    "the first call and ru_maxrss (lifetime, incl. TF import and compilation)")
+    "the first call and ru_maxrss (lifetime, incl. TF import and "
+    "compilation). BFC hands out a free chunk whole when it is < 2x the "
+    "request: XLA's one large buffer may read up to 2x high (powers of two)")
 
 _MB = 1024.0 * 1024.0
 
@@ -59,8 +68,8 @@ def _measure_here(variant_name: str, config, mode: str, runs: int,
     variants.force(fn(x))
   peak = tf.config.experimental.get_memory_info("CPU:0")["peak"]
   lifetime_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-  return {"tensor_peak_mb": (peak - in_use) / _MB, "rss_base_mb": rss_base,
-          "rss_peak_mb": lifetime_kb / 1024.0}
+  return {"call_peak_mb": (peak - in_use) / _MB, "rss_before_mb": rss_base,
+          "rss_lifetime_peak_mb": lifetime_kb / 1024.0}
 
 
 def measure(variant: str, config_name: str, time: int, mode: str = "train",
@@ -69,7 +78,7 @@ def measure(variant: str, config_name: str, time: int, mode: str = "train",
   """Runs `python -m benchmarks.memory` for one variant; returns its report.
 
   Returns:
-    `{"tensor_peak_mb", "rss_base_mb", "rss_peak_mb"}`, or
+    `{"call_peak_mb", "rss_before_mb", "rss_lifetime_peak_mb"}`, or
     `{"error": message}` if the child failed.
   """
   env = dict(os.environ, TF_CPU_ALLOCATOR_USE_BFC="true",

@@ -22,7 +22,7 @@ def _mb(value: dict | None) -> str:
     return ""
   if "error" in value:
     return "error"
-  return f"{value['tensor_peak_mb']:.1f}"
+  return f"{value['call_peak_mb']:.1f}"
 
 
 def _config_table(name: str, entry: dict) -> list[str]:

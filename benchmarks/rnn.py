@@ -183,7 +183,7 @@ def sweep(options: Options) -> dict:
   for name, entry in per_name.items():
     entry["time_exponent"] = timing.fit_exponent(options.sweep_times,
                                                  entry["median_s"])
-    mems = [m.get("tensor_peak_mb") for m in entry["memory"]]
+    mems = [m.get("call_peak_mb") for m in entry["memory"]]
     if mems and None not in mems:
       entry["memory_mb_per_step"] = float(
           np.polyfit(options.sweep_times, mems, 1)[0])

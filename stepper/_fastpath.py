@@ -24,10 +24,12 @@ from typing import Any, Iterator
 
 import keras
 # Private APIs, for want of public ones: whether an outer stateless scope is
-# active, and whether the graph is being built for XLA
-# (`tf.function(jit_compile=True)`, also Keras' `jit_compile=True`).
+# active, whether the graph is being built for XLA
+# (`tf.function(jit_compile=True)`, also Keras' `jit_compile=True`), and
+# XLA's own DynamicUpdateSlice (jax2tf relies on the same module).
 from keras.src.backend.common.stateless_scope import in_stateless_scope
 import tensorflow as tf
+from tensorflow.compiler.tf2xla.python import xla as tfxla  # pylint: disable=g-direct-tensorflow-import
 from tensorflow.python.ops import control_flow_util  # pylint: disable=g-direct-tensorflow-import
 
 _enabled = True
@@ -119,7 +121,11 @@ class SequenceBuffer(tf.experimental.ExtensionType):
 
 @tf.custom_gradient
 def _write(values: tf.Tensor, value: tf.Tensor, index: tf.Tensor):
-  updated = tf.tensor_scatter_nd_update(values, [[index]], value[None])
+  # An XLA DynamicUpdateSlice, updated in place. `tensor_scatter_nd_update`
+  # would add a bounds check that reads the buffer too, which stops XLA
+  # from updating in place: a full copy per step.
+  start = tf.concat([[index], tf.zeros([value.shape.rank], index.dtype)], 0)
+  updated = tfxla.dynamic_update_slice(values, value[None], start)
 
   def grad(d_updated):
     return d_updated, tf.gather(d_updated, index), None

@@ -67,8 +67,8 @@ class RunTest(tf.test.TestCase):
   def test_memory_measures_a_variant_in_a_subprocess(self):
     result = memory.measure("stepper", "tiny", 6, runs=1)
     self.assertNotIn("error", result)
-    self.assertGreater(result["tensor_peak_mb"], 0)
-    self.assertGreater(result["rss_peak_mb"], result["tensor_peak_mb"])
+    self.assertGreater(result["call_peak_mb"], 0)
+    self.assertGreater(result["rss_lifetime_peak_mb"], result["call_peak_mb"])
 
   def test_app_writes_json_table_and_readme(self):
     tmp = self.get_temp_dir()
