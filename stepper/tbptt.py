@@ -35,6 +35,9 @@ Three entry points, the same numbers:
 * `updates(...)` and `iterate(...)`: one-off shortcuts building an `Updater`.
 """
 
+# The engine's private helpers (validation, specs) are shared in the package.
+# pylint: disable=protected-access
+
 from typing import Any, Callable, Iterator, NamedTuple
 
 import tensorflow as tf
@@ -189,14 +192,14 @@ class Updater:
       self.final_states = states
 
   def _prepare(self, inputs, targets, initial_states) -> _Sequence:
-    flat_x, batch, time = engine._time_major_inputs(  # pylint: disable=protected-access
+    flat_x, batch, time = engine._time_major_inputs(
         self._step, inputs, time_major=False)
     if time.static is None:
       raise ValueError(
           "`inputs` has an unknown number of time steps; tbptt needs it "
           "statically to return one update per k1 steps. Give `inputs` a "
           "static time dimension.")
-    states = engine._initial_states(  # pylint: disable=protected-access
+    states = engine._initial_states(
         self._step, initial_states, batch, flat_x[0])
     x = tf.nest.pack_sequence_as(inputs, flat_x)
     targets = tf.nest.map_structure(tf.convert_to_tensor, targets)
@@ -209,7 +212,7 @@ class Updater:
                          f"{time.static}; targets are [batch, time, ...] like "
                          "the outputs.")
     self._build(x, states)
-    return _Sequence(x, tf.nest.map_structure(engine._swap_batch_time,  # pylint: disable=protected-access
+    return _Sequence(x, tf.nest.map_structure(engine._swap_batch_time,
                                               targets),
                      states, -(-time.static // self._k1))
 
@@ -217,7 +220,7 @@ class Updater:
     """Traces the step once so that a Keras cell has its variables."""
     x_spec = tf.nest.map_structure(
         lambda t: tf.TensorSpec(t.shape[1:], t.dtype), x)
-    engine._output_spec(self._step, x_spec, states, self._training)  # pylint: disable=protected-access
+    engine._output_spec(self._step, x_spec, states, self._training)
     _ = self.variables  # Raises here, not inside a trace, if there are none.
 
   def _bounds(self, j: tf.Tensor, time: tf.Tensor):
@@ -297,7 +300,7 @@ class Updater:
     """The dtype `loss` returns, from an abstract trace of it alone."""
     x_spec = tf.nest.map_structure(
         lambda t: tf.TensorSpec(t.shape[1:], t.dtype), x)
-    y_spec = engine._output_spec(self._step, x_spec, states, self._training)  # pylint: disable=protected-access
+    y_spec = engine._output_spec(self._step, x_spec, states, self._training)
     merged = lambda s: tf.TensorSpec([None] + s.shape[1:], s.dtype)
     concrete = tf.function(self._loss, autograph=False).get_concrete_function(
         tf.nest.map_structure(lambda t: merged(tf.TensorSpec(
