@@ -163,9 +163,16 @@ def print_table(rows: list[dict]) -> None:
         "loss of ~0.2.")
 
 
-def plot(rows: list[dict], path: str) -> None:
-  """The three learning curves (training loss per batch) as a PNG."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
+def plot(rows: list[dict], path: str) -> bool:
+  """The three learning curves (training loss per batch) as a PNG.
+
+  Returns:
+    False if matplotlib (not a dependency of stepper) is missing.
+  """
+  try:
+    import matplotlib  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return False
   matplotlib.use("Agg")
   from matplotlib import pyplot  # pylint: disable=g-import-not-at-top
   figure, axes = pyplot.subplots(figsize=(7, 4))
@@ -179,6 +186,7 @@ def plot(rows: list[dict], path: str) -> None:
   figure.tight_layout()
   figure.savefig(path, dpi=100)
   pyplot.close(figure)
+  return True
 
 
 def verify_engine(step: keras.Model,
@@ -206,7 +214,9 @@ def main(argv):
 
   report = verify_engine(rows[0]["step"], x_test[:4])
   print(f"\n{report}")
-  plot(rows, os.path.join(output_dir, "learning_curves.png"))
+  if not plot(rows, os.path.join(output_dir, "learning_curves.png")):
+    print("\nmatplotlib is not installed: no learning_curves.png "
+          "(pip install matplotlib).")
   with open(os.path.join(output_dir, "results.json"), "w") as f:
     json.dump({"runs": [{k: v for k, v in r.items() if k != "step"}
                         for r in rows], "verify": report.to_dict()}, f,
