@@ -113,6 +113,10 @@ def _model_rnn(cell: keras.layers.Layer, x: tf.Tensor) -> tf.Tensor:
   return stepper.model_rnn(cell, x)[0]
 
 
+def _model_rnn_unroll4(cell: keras.layers.Layer, x: tf.Tensor) -> tf.Tensor:
+  return stepper.model_rnn(cell, x, unroll=4)[0]
+
+
 def _plain_model_rnn(cell: keras.layers.Layer, x: tf.Tensor) -> tf.Tensor:
   with _fastpath.disabled():  # Active while tracing, where it matters.
     return stepper.model_rnn(cell, x)[0]
@@ -172,6 +176,12 @@ _BUILDERS = {
     "stepper_xla": (
         "stepper.model_rnn in tf.function(jit_compile=True)",
         lambda c, cell, k: _graph(_model_rnn, cell, jit_compile=True)),
+    "stepper_unroll4": (
+        "stepper.model_rnn(unroll=4) in tf.function",
+        lambda c, cell, k: _graph(_model_rnn_unroll4, cell)),
+    "stepper_xla_unroll4": (
+        "stepper.model_rnn(unroll=4) in tf.function(jit_compile=True)",
+        lambda c, cell, k: _graph(_model_rnn_unroll4, cell, jit_compile=True)),
     "stepper_plain": (
         "stepper.model_rnn without its fast paths (before), tf.function",
         lambda c, cell, k: _graph(_plain_model_rnn, cell)),

@@ -17,6 +17,11 @@ Two mechanisms, found by profiling the engine's `tf.while_loop`:
 
 `disabled()` turns both off: tests compare the two engines for exact
 equality and the benchmark reports before/after numbers.
+
+One visible difference: a layer that adds a loss inside the step (an
+activity regularizer, `add_loss`) gets a clear `ValueError` while the loop is
+traced; the plain engine let the per-step tensor escape the loop and failed
+later with an `InaccessibleTensorError` where the loss was used.
 """
 
 import contextlib

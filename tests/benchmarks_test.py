@@ -16,8 +16,11 @@ from stepper import testing
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _TINY = variants.Config("tiny", batch=2, time=5, units=3, features=4)
+# Every variant that runs the shared cell with full gradients ('truncate'
+# cuts them on purpose).
 _LOOPS = ("keras_rnn", "eager_loop", "tf_scan", "stepper", "stepper_xla",
-          "while_loop_xla")
+          "stepper_unroll4", "stepper_xla_unroll4", "stepper_plain",
+          "stepper_plain_xla", "while_loop_xla", "run_chunks_through")
 
 
 class VariantsTest(parameterized.TestCase):
