@@ -11,7 +11,9 @@ from typing import Any
 import tensorflow as tf
 
 from stepper import _checks
+from stepper import _fastpath
 from stepper import masking
+from stepper import remat as remat_lib
 from stepper import steps as steps_lib
 
 Nest = Any
@@ -34,6 +36,7 @@ def model_rnn(
     sequence_length: tf.Tensor | None = None,
     zero_output_for_mask: bool = False,
     resets: tf.Tensor | None = None,
+    remat: int | str | None = None,
     _reset_to: Nest | None = None,
 ) -> tuple[Nest, Nest] | tuple[Nest, Nest, Nest]:
   """Runs a one-step model over every time step of `inputs`.
@@ -65,7 +68,8 @@ def model_rnn(
       and keep no per-step output buffer. With a mask, this is each row's
       last valid output.
     return_all_states: Also return the state after every step, nested like
-      the states, each `[batch, time, ...]`.
+      the states, each `[batch, time, ...]`. Masked steps repeat the carried
+      state; with `sequence_length` they are zeros from each row's length on.
     unroll: Steps per loop iteration. Any `time` works: the remainder
       `time % unroll` runs in a second, one-step loop.
     parallel_iterations: Passed to `tf.while_loop` (`None`: TensorFlow's
@@ -86,6 +90,12 @@ def model_rnn(
     resets: bool `[batch, time]`: where True, the row's state is set back to
       its initial state right before that step (episode boundaries in a
       packed stream). No gradient flows across a reset.
+    remat: Memory-efficient backpropagation (`stepper.remat`): an int `k`
+      keeps only the states at every k-th step and recomputes each segment
+      of `k` steps in the backward pass (one extra forward pass); `"sqrt"`
+      picks `k = ceil(sqrt(steps))` at run time. Same gradients as `None`
+      (keep every step's activations). Variables the step writes (dropout
+      seeds) are replayed.
     _reset_to: Private (for `stepper.chunking`): the states a reset sets,
       nested like the states, when they differ from `initial_states` (a
       chunk starts from the carried state but resets to the run's start).
@@ -108,6 +118,7 @@ def model_rnn(
   """
   step = steps_lib.as_step(step)
   _checks.check_positive_int(unroll, "unroll")
+  remat_lib.check_remat(remat)
   if parallel_iterations is not None:
     _checks.check_positive_int(parallel_iterations, "parallel_iterations")
   flat_x, batch, time = _time_major_inputs(step, inputs, time_major)
@@ -115,7 +126,7 @@ def model_rnn(
   states = _initial_states(step, initial_states, batch, flat_x[0])
   controls = masking.prepare(
       mask=mask, sequence_length=sequence_length, resets=resets,
-      zero_output_for_mask=zero_output_for_mask, batch=batch.static,
+      zero_output_for_mask=zero_output_for_mask, batch=batch.value,
       time=time.value, time_major=time_major)
   x_spec = tf.nest.pack_sequence_as(
       x_structure, [tf.TensorSpec(x.shape[1:], x.dtype) for x in flat_x])
@@ -136,7 +147,13 @@ def model_rnn(
                swap_memory=swap_memory)
   n_steps = (time.value if controls.lengths is None else
              tf.reduce_max(tf.concat([controls.lengths, [0]], 0)))
-  outputs, final_states, all_states = loop.run(flat_x, n_steps, time, unroll)
+  if remat is None:
+    with _fastpath.weights_read_once(step):
+      outputs, final_states, all_states = loop.run(flat_x, n_steps, time,
+                                                   unroll)
+  else:
+    outputs, final_states, all_states = remat_lib.run(
+        loop, flat_x, n_steps, time, unroll, remat)
 
   def finish(sequence):
     if reverse_rows:
@@ -190,8 +207,13 @@ def _time_major_inputs(step: steps_lib.Step, inputs: Nest,
           tf.shape(x)[1], tf.shape(flat[0])[1],
           f"{name} and {names[0]} have different batch sizes.")
   _check_input_spec(step, inputs, names, flat)
-  return (flat, _Dim(batch, tf.shape(flat[0])[1]),
-          _Dim(time, tf.shape(flat[0])[0]))
+  return flat, _Dim(batch, _size(flat[0], 1)), _Dim(time, _size(flat[0], 0))
+
+
+def _size(x: tf.Tensor, axis: int) -> int | tf.Tensor:
+  """`x.shape[axis]` if static, else `tf.shape(x)[axis]` (the eager op costs
+  ~60 µs per call)."""
+  return x.shape[axis] if x.shape[axis] is not None else tf.shape(x)[axis]
 
 
 def _check_input_spec(step: steps_lib.Step, inputs: Nest, names: list[str],
@@ -332,7 +354,7 @@ class _Loop:
 
     Sequences come back time-major, `[time, batch, ...]`.
     """
-    batch = tf.shape(flat_x[0])[1]
+    batch = _size(flat_x[0], 1)
     self._call = self._step.start(batch, self._training)
     self._time = time.value
     self._input_tas = [
@@ -344,9 +366,9 @@ class _Loop:
                             ("resets", self._controls.resets))
         if value is not None}
     flat_y_spec = tf.nest.flatten(self._y_spec)
-    out_tas = ([tf.TensorArray(s.dtype, size=n_steps, element_shape=s.shape)
+    out_tas = ([_fastpath.output_array(s, n_steps, batch)
                 for s in flat_y_spec] if self._return_sequences else [])
-    state_tas = ([tf.TensorArray(s.dtype, size=n_steps, element_shape=s.shape)
+    state_tas = ([_fastpath.output_array(s, n_steps, batch)
                   for s in self._flat_init] if self._return_all_states else [])
     last = ([_zeros(s, batch) for s in flat_y_spec]
             if self._carry_last else [])
@@ -411,7 +433,11 @@ class _Loop:
     elif self._carry_last:
       last = flat_y
     out_tas = [ta.write(idx, y_) for ta, y_ in zip(out_tas, flat_y)]
-    state_tas = [ta.write(idx, s) for ta, s in zip(state_tas, flat_new)]
+    step_states = flat_new
+    if self._controls.lengths is not None:  # Zero after the end, like the
+      step_states = [_select(keep, s, tf.zeros_like(s))  # zero-filled tail.
+                     for s in flat_new]
+    state_tas = [ta.write(idx, s) for ta, s in zip(state_tas, step_states)]
     return out_tas, state_tas, flat_new, last
 
   def _stack(self, ta, spec, n_steps, batch, time: _Dim, zero_fill):

@@ -61,6 +61,21 @@ def _bool_time_mask(value: Any, name: str, batch: int | None,
   return value
 
 
+def _assert_shape(value: tf.Tensor, dims: list[int | tf.Tensor],
+                  message: str) -> tf.Tensor:
+  """`value`, checked at run time against `dims` unless all are static.
+
+  The shape check runs before any use of the returned tensor (it is a no-op
+  under XLA, like every run-time assertion).
+  """
+  if all(isinstance(d, int) for d in dims) and value.shape.is_fully_defined():
+    return value  # The static checks already compared every dimension.
+  check = tf.debugging.assert_equal(tf.shape(value), tf.stack(dims),
+                                    message=message)
+  with tf.control_dependencies([check]):
+    return tf.identity(value)
+
+
 def _lengths(sequence_length: Any, batch: int | None,
              time: int | tf.Tensor) -> tf.Tensor:
   """Validates `sequence_length`: int `[batch]`, `0 <= length <= time`."""
@@ -75,23 +90,28 @@ def _lengths(sequence_length: Any, batch: int | None,
     raise ValueError(f"`sequence_length` has {lengths.shape[0]} entries but "
                      f"the inputs have batch size {batch}.")
   lengths = tf.cast(lengths, tf.int32)
-  if isinstance(lengths, tf.__internal__.EagerTensor) and isinstance(time, int):
-    values = lengths.numpy()
+  # Known values (eager, or constants in a graph) are checked at trace time.
+  values = tf.get_static_value(lengths)
+  if values is not None and isinstance(time, int):
     if np.any(values < 0) or np.any(values > time):
       raise ValueError(
           f"`sequence_length` must lie in [0, {time}] (the number of time "
           f"steps); got {values.tolist()}.")
-  else:
-    tf.debugging.assert_non_negative(
-        lengths, message="`sequence_length` must be non-negative.")
-    tf.debugging.assert_less_equal(
-        lengths, tf.cast(time, tf.int32),
-        message="`sequence_length` must not exceed the number of time steps.")
+  else:  # Checked before any use (e.g. tf.reverse_sequence) can fail first.
+    checks = [
+        tf.debugging.assert_non_negative(
+            lengths, message="`sequence_length` must be non-negative."),
+        tf.debugging.assert_less_equal(
+            lengths, tf.cast(time, tf.int32),
+            message="`sequence_length` must not exceed the number of time "
+            "steps.")]
+    with tf.control_dependencies(checks):
+      lengths = tf.identity(lengths)
   return lengths
 
 
 def prepare(*, mask: Any, sequence_length: Any, resets: Any,
-            zero_output_for_mask: bool, batch: int | None,
+            zero_output_for_mask: bool, batch: int | tf.Tensor,
             time: int | tf.Tensor, time_major: bool) -> StepMasks:
   """Validates the masking arguments and returns time-major controls.
 
@@ -100,7 +120,7 @@ def prepare(*, mask: Any, sequence_length: Any, resets: Any,
     sequence_length: int `[batch]` or `None`.
     resets: bool `[batch, time]` or `None`.
     zero_output_for_mask: Output zeros (not the previous output) where masked.
-    batch: Static batch size of the inputs, if known.
+    batch: Batch size of the inputs (int if static).
     time: Number of time steps (int if static).
     time_major: Whether `mask`/`resets` are `[time, batch]`.
 
@@ -116,14 +136,23 @@ def prepare(*, mask: Any, sequence_length: Any, resets: Any,
                      "`sequence_length` is a shortcut for a mask with zero "
                      "outputs after each row's end.")
   static_time = time if isinstance(time, int) else None
+  static_batch = batch if isinstance(batch, int) else None
   lengths = None
   if sequence_length is not None:
-    lengths = _lengths(sequence_length, batch, time)
+    lengths = _assert_shape(
+        _lengths(sequence_length, static_batch, time), [batch],
+        "`sequence_length` must have one entry per row of the inputs.")
     mask = tf.sequence_mask(lengths, time)  # [batch, time]
     mask = mask if not time_major else tf.transpose(mask)
     zero_output_for_mask = True
+  layout = "[time, batch]" if time_major else "[batch, time]"
   if mask is not None:
-    mask = _bool_time_mask(mask, "mask", batch, static_time, time_major)
+    mask = _assert_shape(
+        _bool_time_mask(mask, "mask", static_batch, static_time, time_major),
+        [time, batch], f"`mask` must be {layout} like the inputs.")
   if resets is not None:
-    resets = _bool_time_mask(resets, "resets", batch, static_time, time_major)
+    resets = _assert_shape(
+        _bool_time_mask(resets, "resets", static_batch, static_time,
+                        time_major),
+        [time, batch], f"`resets` must be {layout} like the inputs.")
   return StepMasks(mask, resets, lengths, bool(zero_output_for_mask))
