@@ -366,30 +366,38 @@ class _Loop:
                             ("resets", self._controls.resets))
         if value is not None}
     flat_y_spec = tf.nest.flatten(self._y_spec)
-    out_tas = ([_fastpath.output_array(s, n_steps, batch)
+    # Arrays hold the steps run, padded with zeros to `time` afterwards;
+    # under XLA (static shapes) they hold all `time` steps, zero-filled, so
+    # a run-time `max(sequence_length)` sizes nothing.
+    full = isinstance(time.value, int) and _fastpath.in_xla()
+    size = time.value if full else n_steps
+    pad = self._controls.lengths is not None and not full
+    out_tas = ([_fastpath.output_array(s, size, batch)
                 for s in flat_y_spec] if self._return_sequences else [])
-    state_tas = ([_fastpath.output_array(s, n_steps, batch)
+    state_tas = ([_fastpath.output_array(s, size, batch)
                   for s in self._flat_init] if self._return_all_states else [])
     last = ([_zeros(s, batch) for s in flat_y_spec]
             if self._carry_last else [])
     carry = (out_tas, state_tas, list(self._flat_init), last)
 
-    t = 0
-    if unroll > 1:
-      t, carry = self._while(0, n_steps // unroll * unroll, unroll, carry,
-                             maximum_iterations=time.value // unroll)
-    _, carry = self._while(t, n_steps, 1, carry,
-                           maximum_iterations=time.value if unroll == 1 else
-                           unroll - 1)
+    # No loop when no step can run: XLA cannot even build a write into a
+    # zero-length array.
+    if time.static != 0:
+      t = 0
+      if unroll > 1:
+        t, carry = self._while(0, n_steps // unroll * unroll, unroll, carry,
+                               maximum_iterations=time.value // unroll)
+      _, carry = self._while(t, n_steps, 1, carry,
+                             maximum_iterations=time.value if unroll == 1 else
+                             unroll - 1)
     out_tas, state_tas, flat_states, last = carry
 
-    zero_fill = self._controls.lengths is not None
     if self._return_sequences:
-      outputs = [self._stack(ta, s, n_steps, batch, time, zero_fill)
+      outputs = [self._stack(ta, s, size, batch, time, pad)
                  for ta, s in zip(out_tas, flat_y_spec)]
     else:
       outputs = last
-    all_states = [self._stack(ta, s, n_steps, batch, time, zero_fill)
+    all_states = [self._stack(ta, s, size, batch, time, pad)
                   for ta, s in zip(state_tas, self._flat_init)]
     pack = tf.nest.pack_sequence_as
     return (pack(self._y_spec, outputs), pack(self._states, flat_states),
@@ -440,16 +448,17 @@ class _Loop:
     state_tas = [ta.write(idx, s) for ta, s in zip(state_tas, step_states)]
     return out_tas, state_tas, flat_new, last
 
-  def _stack(self, ta, spec, n_steps, batch, time: _Dim, zero_fill):
-    """Stacks `n_steps` written steps to `[time, batch, ...]`."""
+  def _stack(self, ta, spec, size, batch, time: _Dim, pad: bool):
+    """Stacks an array of `size` steps; `pad` zero-fills it to `time`
+    (`sequence_length`: the loop stopped after the longest sequence)."""
     empty = lambda: tf.zeros(tf.concat([[0, batch], spec.shape[1:]], 0),
                              spec.dtype)
-    if isinstance(n_steps, int):
-      stacked = ta.stack() if n_steps > 0 else empty()
+    if isinstance(size, int):
+      stacked = ta.stack() if size > 0 else empty()
     else:
-      stacked = tf.cond(n_steps > 0, ta.stack, empty)
-    if zero_fill:  # dynamic_rnn: zeros after the longest sequence.
-      pad = [[0, time.value - n_steps]] + [[0, 0]] * spec.shape.rank
-      stacked = tf.pad(stacked, pad)
+      stacked = tf.cond(size > 0, ta.stack, empty)
+    if pad:
+      stacked = tf.pad(stacked, [[0, time.value - size]] +
+                       [[0, 0]] * spec.shape.rank)
     stacked.set_shape(tf.TensorShape([time.static]).concatenate(spec.shape))
     return stacked

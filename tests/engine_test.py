@@ -318,6 +318,31 @@ class ShapesAndModesTest(tf.test.TestCase, parameterized.TestCase):
                                 return_sequences=False)
     self.assertAllEqual(last, tf.zeros([BATCH, UNITS]))
 
+  def test_time_zero_under_xla(self):
+    run = tf.function(lambda x: stepper.model_rnn(self.cell, x),
+                      jit_compile=True)
+    outputs, states = run(self.x[:, :0])
+    self.assertEqual(outputs.shape, (BATCH, 0, UNITS))
+    self.assertAllEqual(states[0], tf.zeros([BATCH, UNITS]))
+
+  def test_run_time_sequence_length_under_xla_matches_eager(self):
+    """XLA sizes no buffer by `max(sequence_length)`, a run-time value."""
+    cell = keras.layers.GRUCell(UNITS, dtype="float64")
+    x = tf.cast(self.x, tf.float64)
+
+    def run(x, lengths):
+      with tf.GradientTape() as tape:
+        tape.watch(x)
+        outputs, states = stepper.model_rnn(cell, x, sequence_length=lengths)
+        loss = tf.reduce_sum(outputs ** 2) + tf.reduce_sum(states[0])
+      return outputs, states, tape.gradient(
+          loss, [x, cell.trainable_variables])
+
+    lengths = tf.constant([2, TIME, 0])
+    testing.assert_nests_close(
+        tf.function(run, jit_compile=True)(x, lengths), run(x, lengths),
+        rtol=1e-10, atol=1e-12)
+
   def test_time_zero_with_unknown_time_inside_function(self):
     run = tf.function(lambda x: stepper.model_rnn(self.cell, x)[0],
                       input_signature=[tf.TensorSpec([None, None, FEATURES])])
