@@ -162,6 +162,28 @@ class Updater:
     return [(losses[j], [g[j] for g in grads])
             for j in range(sequence.n_updates)]
 
+  def update(self, inputs: Nest, targets: Nest, states: Nest,
+             j: int | tf.Tensor) -> tuple[tf.Tensor, list[tf.Tensor], Nest]:
+    """Update `j` alone, traceable: for a training loop's compiled step
+    (e.g. per replica inside `strategy.run`, where a generator cannot run).
+
+    Args:
+      inputs: Tensor or nest, each leaf `[batch, time, ...]`.
+      targets: Like the step's outputs, each leaf `[batch, time, ...]`.
+      states: The states entering update `j`'s window, i.e. after step
+        `max(0, (j + 1) * k1 - k2) - 1` (the initial states for the first
+        windows); a constant: no gradient reaches them.
+      j: The update's index, a scalar int.
+
+    Returns:
+      `(loss_j, grads_j, next_states)`: `next_states` enter update `j + 1`'s
+      window (pass them to the next call).
+    """
+    loss_j, grads, next_states, _ = self._update(
+        tf.nest.map_structure(engine._swap_batch_time, inputs),
+        tf.nest.map_structure(engine._swap_batch_time, targets), states, j)
+    return loss_j, grads, next_states
+
   def iterate(self, inputs: Nest, targets: Nest,
               initial_states: Nest | None = None) -> Iterator[Update]:
     """Yields the updates over one sequence one at a time, lazily.

@@ -422,12 +422,8 @@ class Trainer:
     """`tbptt.Updater`'s update `j` on this replica's rows, then applied."""
     ctx = tf.distribute.get_replica_context()
     self._targets_per_step(inputs, targets)  # Checks the targets' shape.
-    # Updater's per-window step (package-private): `iterate` is a Python
-    # generator, which cannot run per replica inside `strategy.run`.
-    time_major = engine._swap_batch_time
-    loss, grads, next_states, _ = self._updater._update(
-        tf.nest.map_structure(time_major, inputs), time_major(targets),
-        states, j)
+    loss, grads, next_states = self._updater.update(inputs, targets,
+                                                    states, j)
     # `loss` is this replica's mean; weight it by its share of the rows.
     rows = tf.cast(tf.shape(targets)[0], loss.dtype)
     share = rows / ctx.all_reduce(_SUM, rows)

@@ -74,6 +74,19 @@ class TbpttTest(tf.test.TestCase, parameterized.TestCase):
     testing.assert_nests_close(actual, expected)
 
   @parameterized.named_parameters(*_WINDOWS[:3])
+  def test_update_one_at_a_time_in_tf_function_matches_brute_force(
+      self, k1, k2):
+    cell, x, y, s0 = _problem()
+    expected = _brute_force(cell, x, y, s0, k1, k2)
+    updater = stepper.tbptt.Updater(cell, _mse, k1=k1, k2=k2)
+    update = tf.function(updater.update)
+    states, actual = [s0], []
+    for j in range(len(expected)):
+      loss_j, grads_j, states = update(x, y, states, tf.constant(j))
+      actual.append((loss_j, grads_j))
+    testing.assert_nests_close(actual, expected)
+
+  @parameterized.named_parameters(*_WINDOWS[:3])
   def test_updates_inside_tf_function_match_brute_force(self, k1, k2):
     cell, x, y, s0 = _problem()
     expected = _brute_force(cell, x, y, s0, k1, k2)
