@@ -30,6 +30,11 @@ def state_input_names(specs: Any) -> list[str]:
   return names
 
 
+def nesting(structure: Any) -> Any:
+  """`structure` with every leaf replaced by '.': its nesting, for messages."""
+  return tf.nest.map_structure(lambda _: ".", structure)
+
+
 def shape_str(shape: tf.TensorShape | Sequence[int | None]) -> str:
   shape = tf.TensorShape(shape)
   if shape.rank is None:

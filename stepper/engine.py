@@ -225,9 +225,9 @@ def _check_input_spec(step: steps_lib.Step, inputs: Nest, names: list[str],
     tf.nest.assert_same_structure(inputs, step.input_spec, check_types=False)
   except (ValueError, TypeError):
     raise ValueError(
-        f"`inputs` is nested as {tf.nest.map_structure(lambda _: '.', inputs)}"
+        f"`inputs` is nested as {_checks.nesting(inputs)}"
         f" but {step.name} expects x_t nested as "
-        f"{tf.nest.map_structure(lambda _: '.', step.input_spec)}.") from None
+        f"{_checks.nesting(step.input_spec)}.") from None
   for name, x, spec in zip(names, flat_time_major,
                            tf.nest.flatten(step.input_spec)):
     if _checks.is_float(spec.dtype) and not _checks.is_float(x.dtype):
@@ -256,9 +256,9 @@ def _initial_states(step: steps_lib.Step, initial_states: Nest | None,
     except (ValueError, TypeError):
       raise ValueError(
           f"`initial_states` has {n_given} state(s) nested as "
-          f"{tf.nest.map_structure(lambda _: '.', initial_states)}, but "
+          f"{_checks.nesting(initial_states)}, but "
           f"{step.name} expects {n_expected} nested as "
-          f"{tf.nest.map_structure(lambda _: '.', specs)}.") from None
+          f"{_checks.nesting(specs)}.") from None
     initial_states = tf.nest.pack_sequence_as(
         specs, tf.nest.flatten(initial_states))
     names = _checks.leaf_paths(specs, "initial_states")
@@ -297,8 +297,8 @@ def _output_spec(step: steps_lib.Step, x_spec: Nest, states: Nest,
   except (ValueError, TypeError):
     raise ValueError(
         f"{step.name} returned new states nested as "
-        f"{tf.nest.map_structure(lambda _: '.', new_spec)} but its states "
-        f"are nested as {tf.nest.map_structure(lambda _: '.', state_spec)}; "
+        f"{_checks.nesting(new_spec)} but its states "
+        f"are nested as {_checks.nesting(state_spec)}; "
         "a step must return new states like its states.") from None
   names = _checks.leaf_paths(state_spec, "state")
   for name, old, new in zip(names, tf.nest.flatten(state_spec),

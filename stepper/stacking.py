@@ -179,8 +179,8 @@ class _Body:
     except (ValueError, TypeError):
       raise ValueError(
           f"residual: {name} gets an input nested as "
-          f"{tf.nest.map_structure(lambda _: '.', layer_in)} but returns an "
-          f"output nested as {tf.nest.map_structure(lambda _: '.', y)}; "
+          f"{_checks.nesting(layer_in)} but returns an "
+          f"output nested as {_checks.nesting(y)}; "
           "they cannot be added. Set residual=False for this layer.") from None
     for a, b in zip(tf.nest.flatten(layer_in), tf.nest.flatten(y)):
       if not a.shape.is_compatible_with(b.shape) or a.dtype != b.dtype:

@@ -30,6 +30,7 @@ import tensorflow as tf
 from stepper import _checks
 from stepper import engine
 from stepper import steps as steps_lib
+from stepper.bidirectional import bidirectional
 
 Nest = Any
 
@@ -300,6 +301,23 @@ def _pair_variables(step_vars: Sequence[tf.Variable],
 # -------------------------------------------------------------- compare ----
 
 
+def _step_runner(step: Any, control: Any, inputs: Nest,
+                 initial_states: Nest | None, mask: Any):
+  """`(run, name, variables)` for a step, or for a `(forward, backward)`
+  pair run by `stepper.bidirectional` with the control's `merge_mode`."""
+  if isinstance(step, tuple) and len(step) == 2:
+    forward, backward = (steps_lib.as_step(s) for s in step)
+    merge_mode = getattr(control, "merge_mode", "concat")
+    run = lambda: bidirectional(
+        forward, backward, inputs, initial_states, mask=mask,
+        merge_mode=merge_mode)[0]
+    return (run, f"bidirectional({forward.name}, {backward.name})",
+            lambda: forward.trainable_variables + backward.trainable_variables)
+  adapted = steps_lib.as_step(step)
+  run = lambda: engine.model_rnn(adapted, inputs, initial_states, mask=mask)[0]
+  return run, adapted.name, lambda: adapted.trainable_variables
+
+
 def _call_control(control: Callable, inputs: Nest, initial_states: Nest,
                   mask: Any) -> Nest:
   kwargs = {}
@@ -322,9 +340,9 @@ def _output_alignment(step_outputs: Nest, control_outputs: Nest) -> str:
   except (ValueError, TypeError):
     raise ValueError(
         "The step's outputs are nested as "
-        f"{tf.nest.map_structure(lambda _: '.', step_outputs)} but the "
+        f"{_checks.nesting(step_outputs)} but the "
         "control's as "
-        f"{tf.nest.map_structure(lambda _: '.', control_outputs)}.") from None
+        f"{_checks.nesting(control_outputs)}.") from None
   pairs = list(zip(tf.nest.flatten(step_outputs),
                    tf.nest.flatten(control_outputs)))
   if all(s.shape == c.shape for s, c in pairs):
@@ -388,7 +406,9 @@ def compare(step: Any, control: Callable, inputs: Nest, *,
 
   Args:
     step: A step (Keras step model, RNN cell, callable, `Step` or a stack),
-      run with `stepper.model_rnn`.
+      run with `stepper.model_rnn`; or a tuple `(forward_step,
+      backward_step)`, run with `stepper.bidirectional` and the control's
+      `merge_mode` (for a `keras.layers.Bidirectional` control).
     control: A full-sequence Keras layer or model mapping `inputs` `[batch,
       time, ...]` to outputs `[batch, time, ...]` (or `[batch, ...]`: then
       the step's last output is compared), e.g. `keras.layers.LSTM(8,
@@ -428,12 +448,11 @@ def compare(step: Any, control: Callable, inputs: Nest, *,
   inputs = _float_inputs(inputs, "inputs", dtype)
   if initial_states is not None:
     initial_states = _float_inputs(initial_states, "initial_states", dtype)
-  adapted = steps_lib.as_step(step)
-  run_step = lambda: engine.model_rnn(adapted, inputs, initial_states,
-                                      mask=mask)[0]
+  run_step, step_name, step_variables = _step_runner(
+      step, control, inputs, initial_states, mask)
   run_control = lambda: _call_control(control, inputs, initial_states, mask)
   alignment = _output_alignment(run_step(), run_control())  # Also builds.
-  step_vars = adapted.trainable_variables
+  step_vars = step_variables()
   control_vars = list(control.trainable_variables)
   _check_variable_dtypes(step_vars, "step", dtype)
   _check_variable_dtypes(control_vars, "control", dtype)
@@ -464,7 +483,7 @@ def compare(step: Any, control: Callable, inputs: Nest, *,
   names = _input_names(inputs, initial_states)
   for name, a, e in zip(names, tf.nest.flatten(dx_s), tf.nest.flatten(dx_c)):
     rows.append(_compare_values(name, "gradient", a, e, rtol, atol))
-  title = (f"compare {adapted.name} vs control "
+  title = (f"compare {step_name} vs control "
            f"{getattr(control, 'name', type(control).__name__)!r} "
            f"({dtype.name})")
   return GradientReport(title, rows)

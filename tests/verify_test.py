@@ -161,6 +161,39 @@ class CompareTest(tf.test.TestCase, parameterized.TestCase):
     report.assert_ok()
     self.assertLen([r for r in report.rows if r.kind == "gradient"], 7)
 
+  @parameterized.named_parameters(("concat", "concat"), ("sum", "sum"),
+                                  ("masked_ave", "ave"))
+  def test_compare_of_pair_matches_keras_bidirectional(self, merge_mode):
+    mask = (tf.constant([[True] * 5, [True, True, True, False, False]])
+            if merge_mode == "ave" else None)
+    pair = (keras.layers.GRUCell(3, dtype="float64"),
+            keras.layers.LSTMCell(3, dtype="float64"))
+    control = keras.layers.Bidirectional(
+        keras.layers.GRU(3, return_sequences=True, dtype="float64"),
+        backward_layer=keras.layers.LSTM(3, return_sequences=True,
+                                         go_backwards=True, dtype="float64"),
+        merge_mode=merge_mode, dtype="float64")
+    report = verify.compare(pair, control, _inputs([2, 5, 4]), mask=mask)
+    report.assert_ok()
+    self.assertLen([r for r in report.rows if r.kind == "gradient"], 7)
+    self.assertIn("bidirectional", report.title)
+
+  def test_compare_of_pair_fails_when_directions_are_swapped(self):
+    pair = (keras.layers.GRUCell(3, dtype="float64"),
+            keras.layers.GRUCell(3, dtype="float64"))
+    control = keras.layers.Bidirectional(
+        keras.layers.GRU(3, return_sequences=True, dtype="float64"),
+        dtype="float64")
+    x = _inputs([2, 5, 4])
+    verify.compare(pair, control, x).assert_ok()
+    verify.compare(pair, control, x, copy_weights=False).assert_ok()
+    # The control now holds the pair's weights; paired the wrong way round,
+    # the directions disagree.
+    swapped = verify.compare((pair[1], pair[0]), control, x,
+                             copy_weights=False)
+    self.assertFalse(swapped.ok)
+    self.assertIn("outputs", _failing(swapped))
+
   def test_compare_of_last_output_matches_keras_lstm(self):
     report = verify.compare(keras.layers.LSTMCell(3, dtype="float64"),
                             keras.layers.LSTM(3, dtype="float64"),
