@@ -1,6 +1,5 @@
 """Tests for `stepper.model_rnn` against Keras built-ins, numpy and finite differences."""
 
-import collections
 import itertools
 
 from absl.testing import parameterized
@@ -8,6 +7,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from _cells import NestedCell, NestedInput, NestedState
+import _cells
 import stepper
 from stepper import testing
 
@@ -33,21 +34,12 @@ _LAYERS = {
 }
 
 
-def _step_model(cell, features, dtype):
-  """A functional step model `[x_t, *states] -> [y_t, *new_states]`."""
-  x = keras.Input((features,), dtype=dtype)
-  states = [keras.Input((size,), dtype=dtype)
-            for size in tf.nest.flatten(cell.state_size)]
-  y, new_states = cell(x, states)
-  return keras.Model([x, *states], [y, *new_states])
-
-
 def _make_step(kind, cell, features, dtype):
   """The same cell as each of the three step kinds."""
   if kind == "cell":
     return cell
   if kind == "model":
-    return _step_model(cell, features, dtype)
+    return _cells.step_model(cell, features, dtype)
   return lambda x_t, states: cell(x_t, states)
 
 
@@ -167,7 +159,7 @@ class SeedCasesTest(tf.test.TestCase):
 
   def test_case3_step_model_through_engine_matches_control(self):
     cell = keras.layers.SimpleRNNCell(4)
-    model = _step_model(cell, 4, "float32")
+    model = _cells.step_model(cell, 4, "float32")
     cell.set_weights(self.control.get_weights())
     with tf.GradientTape() as tape:
       outs, _ = stepper.model_rnn(model, self.x, training=True)
@@ -192,36 +184,6 @@ class SeedCasesTest(tf.test.TestCase):
     with self.assertRaisesRegex(AssertionError, "not close"):
       testing.assert_nests_close(grads[recurrent], control_grads[recurrent],
                                  rtol=1e-3)
-
-
-NestedInput = collections.namedtuple("NestedInput", ["feature1", "feature2"])
-NestedState = collections.namedtuple("NestedState", ["state1", "state2"])
-
-
-class NestedCell(keras.layers.Layer):
-  """The nested-input, nested-state cell of seed 002 (plus a tanh)."""
-
-  def __init__(self, unit_1, unit_2, unit_3, **kwargs):
-    super().__init__(**kwargs)
-    self.state_size = NestedState(state1=unit_1,
-                                  state2=tf.TensorShape([unit_2, unit_3]))
-    self.output_size = (unit_1, tf.TensorShape([unit_2, unit_3]))
-    self.units = unit_1, unit_2, unit_3
-
-  def build(self, input_shapes):
-    u1, u2, u3 = self.units
-    i1 = input_shapes.feature1[-1]
-    i2, i3 = input_shapes.feature2[-2:]
-    self.kernel_1 = self.add_weight(shape=(i1, u1), initializer="uniform",
-                                    name="kernel_1")
-    self.kernel_2_3 = self.add_weight(shape=(i2, i3, u2, u3),
-                                      initializer="uniform", name="kernel_2_3")
-
-  def call(self, inputs, states):
-    s1, s2 = states
-    out_1 = tf.tanh(tf.matmul(inputs.feature1, self.kernel_1) + 0.5 * s1)
-    out_2_3 = tf.einsum("bij,ijkl->bkl", inputs.feature2, self.kernel_2_3)
-    return (out_1, out_2_3), NestedState(state1=out_1, state2=s2 + out_2_3)
 
 
 class NestedCellTest(tf.test.TestCase):
@@ -469,7 +431,7 @@ class BadInputTest(tf.test.TestCase, parameterized.TestCase):
   def setUp(self):
     super().setUp()
     cell = keras.layers.SimpleRNNCell(4)
-    self.model = _step_model(cell, 3, "float32")
+    self.model = _cells.step_model(cell, 3, "float32")
     self.x = tf.zeros([2, 5, 3])
 
   def _check(self, mode, error, regex, fn):

@@ -5,6 +5,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+import _cells
 import stepper
 from stepper import chunking
 from stepper import testing
@@ -15,15 +16,6 @@ _LAYERS = {"simple_rnn": keras.layers.SimpleRNN, "gru": keras.layers.GRU,
            "lstm": keras.layers.LSTM}
 _CELLS = {"simple_rnn": keras.layers.SimpleRNNCell,
           "gru": keras.layers.GRUCell, "lstm": keras.layers.LSTMCell}
-
-
-def _step_model(cell, features, dtype):
-  """A functional step model `[x_t, *states] -> [y_t, *new_states]`."""
-  x = keras.Input((features,), dtype=dtype)
-  states = [keras.Input((size,), dtype=dtype)
-            for size in tf.nest.flatten(cell.state_size)]
-  y, new_states = cell(x, states)
-  return keras.Model([x, *states], [y, *new_states])
 
 
 def _callable(cell):
@@ -164,7 +156,7 @@ class SeedCaseTest(tf.test.TestCase, parameterized.TestCase):
   def test_case5_single_loop_stack_matches_two_loops(self):
     x = tf.cast(self.x, tf.float64)
     bottom = keras.layers.SimpleRNNCell(4, dtype="float64")
-    top = _step_model(keras.layers.SimpleRNNCell(4, dtype="float64"), 4,
+    top = _cells.step_model(keras.layers.SimpleRNNCell(4, dtype="float64"), 4,
                       "float64")
     deep = stepper.stack([bottom, top])
     stepper.model_rnn(bottom, x)  # Builds the bottom cell.
@@ -200,7 +192,7 @@ class StackMatchesKerasTest(tf.test.TestCase, parameterized.TestCase):
     cells = control.cells
     # One layer of each step kind: a cell, a step model, a callable (whose
     # states are undeclared, so the initial states are passed by position).
-    deep = stepper.stack([cells[0], _step_model(cells[1], 5, dtype),
+    deep = stepper.stack([cells[0], _cells.step_model(cells[1], 5, dtype),
                           _callable(cells[2])], return_all_outputs=True)
     self.assertIsNone(deep.state_specs)
     # float32: an absolute floor for gradient entries near zero (~1e-6 where

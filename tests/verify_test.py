@@ -6,7 +6,6 @@ differences, closed-form gradients of a scalar linear RNN, and a per-step
 Python loop under one tape (brute force).
 """
 
-import collections
 import json
 import os
 import subprocess
@@ -18,6 +17,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from _cells import NestedCell, NestedInput
 import stepper
 from stepper import verify
 
@@ -67,36 +67,6 @@ class TwoChunkStatefulRNN(keras.Model):
       self.rnn.reset_states()
     half = x.shape[1] // 2
     return tf.concat([self.rnn(x[:, :half]), self.rnn(x[:, half:])], axis=1)
-
-
-NestedInput = collections.namedtuple("NestedInput", ["feature1", "feature2"])
-NestedState = collections.namedtuple("NestedState", ["state1", "state2"])
-
-
-class NestedCell(keras.layers.Layer):
-  """The nested-input, nested-state cell of the Keras RNN guide (seed 002)."""
-
-  def __init__(self, unit_1, unit_2, unit_3, **kwargs):
-    super().__init__(**kwargs)
-    self.state_size = NestedState(state1=unit_1,
-                                  state2=tf.TensorShape([unit_2, unit_3]))
-    self.units = (unit_1, unit_2, unit_3)
-
-  def build(self, input_shapes):
-    shape_1, shape_2 = input_shapes[0], input_shapes[1]  # feature1, feature2
-    u1, u2, u3 = self.units
-    self.kernel_1 = self.add_weight(shape=(shape_1[-1], u1),
-                                    initializer="uniform", name="kernel_1")
-    self.kernel_2_3 = self.add_weight(shape=(*shape_2[1:], u2, u3),
-                                      initializer="uniform", name="kernel_2_3")
-
-  def call(self, inputs, states):
-    input_1, input_2 = tf.nest.flatten(inputs)
-    s1, s2 = states
-    output_1 = tf.matmul(input_1, self.kernel_1)
-    output_2_3 = tf.einsum("bij,ijkl->bkl", input_2, self.kernel_2_3)
-    return ([output_1, output_2_3],
-            NestedState(state1=s1 + output_1, state2=s2 + output_2_3))
 
 
 def _wrong_gradient_tanh(x):
