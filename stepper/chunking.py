@@ -31,6 +31,7 @@ import tensorflow as tf
 from stepper import _checks
 from stepper import engine
 from stepper import masking
+from stepper import remat as remat_lib
 from stepper import steps as steps_lib
 
 Nest = Any
@@ -53,6 +54,7 @@ def run_chunks(
     time_major: bool = False,
     unroll: int = 1,
     swap_memory: bool = False,
+    remat: int | str | None = None,
 ) -> tuple[Nest, Nest]:
   """Runs `step` over `inputs` chunk by chunk, carrying the state.
 
@@ -100,6 +102,8 @@ def run_chunks(
       `[time, batch, ...]`.
     unroll: Passed to `model_rnn` for every chunk.
     swap_memory: Passed to `model_rnn` for every chunk.
+    remat: Passed to `model_rnn` for every chunk: recompute each chunk's
+      activations in segments in the backward pass (`stepper.remat`).
 
   Returns:
     `(outputs, final_states)` as from `model_rnn`: `outputs` nests like
@@ -112,11 +116,12 @@ def run_chunks(
   """
   step = steps_lib.as_step(step)
   _checks.check_positive_int(chunk_size, "chunk_size")
+  remat_lib.check_remat(remat)
   if gradient not in _GRADIENTS:
     raise ValueError(f"`gradient` must be one of {_GRADIENTS}; got "
                      f"{gradient!r}.")
   flat_x, batch, time = engine._time_major_inputs(step, inputs, time_major)
-  states = engine._initial_states(step, initial_states, batch, flat_x[0])
+  states = engine._initial_states(step, initial_states, batch)
   controls = masking.prepare(
       mask=mask, sequence_length=sequence_length, resets=resets,
       zero_output_for_mask=zero_output_for_mask, batch=batch.value,
@@ -124,7 +129,7 @@ def run_chunks(
   chunks = _Chunks(step, inputs, flat_x, states, controls, chunk_size,
                    time.value, cut=gradient == "truncate",
                    engine_kwargs=dict(training=training, unroll=unroll,
-                                      swap_memory=swap_memory))
+                                      swap_memory=swap_memory, remat=remat))
   outputs, final_states = chunks.run()
   if controls.mask is not None and not controls.zero_output:
     outputs = tf.nest.map_structure(
@@ -338,7 +343,7 @@ class StatefulRunner(tf.Module):
     self._step = steps_lib.as_step(step)
     self._batch_size = _checks.check_positive_int(batch_size, "batch_size")
     batch = engine._Dim(batch_size, tf.constant(batch_size))
-    initial = engine._initial_states(self._step, initial_states, batch, None)
+    initial = engine._initial_states(self._step, initial_states, batch)
     self._initial = tf.nest.map_structure(tf.convert_to_tensor, initial)
     self._state_variables = [
         tf.Variable(s, trainable=False, name=f"state_{i}")

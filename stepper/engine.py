@@ -121,17 +121,23 @@ def model_rnn(
   remat_lib.check_remat(remat)
   if parallel_iterations is not None:
     _checks.check_positive_int(parallel_iterations, "parallel_iterations")
-  flat_x, batch, time = _time_major_inputs(step, inputs, time_major)
+  flat_x, batch, time = _flat_inputs(step, inputs, time_major)
   x_structure = tf.nest.map_structure(lambda _: 0, inputs)
-  states = _initial_states(step, initial_states, batch, flat_x[0])
+  states = _initial_states(step, initial_states, batch)
   controls = masking.prepare(
       mask=mask, sequence_length=sequence_length, resets=resets,
       zero_output_for_mask=zero_output_for_mask, batch=batch.value,
       time=time.value, time_major=time_major)
   x_spec = tf.nest.pack_sequence_as(
-      x_structure, [tf.TensorSpec(x.shape[1:], x.dtype) for x in flat_x])
+      x_structure, [_step_spec(x, time_major) for x in flat_x])
   y_spec = _output_spec(step, x_spec, states, training)
 
+  # The remat engine reads the inputs in the caller's layout; the loop reads
+  # them time-major.
+  in_layout = remat is not None and not (reverse and
+                                         controls.lengths is not None)
+  if not time_major and not in_layout:
+    flat_x = [_swap_batch_time(x) for x in flat_x]
   reverse_rows = reverse and controls.lengths is not None
   if reverse_rows:  # Reverse each row's valid part, then run forward.
     flat_x = [_reverse_rows(x, controls.lengths) for x in flat_x]
@@ -153,7 +159,8 @@ def model_rnn(
                                                    unroll)
   else:
     outputs, final_states, all_states = remat_lib.run(
-        loop, flat_x, n_steps, time, unroll, remat)
+        loop, flat_x, n_steps, time, unroll, remat,
+        time_major=time_major or not in_layout)
 
   def finish(sequence):
     if reverse_rows:
@@ -184,9 +191,16 @@ def _reverse_rows(x: tf.Tensor, lengths: tf.Tensor) -> tf.Tensor:
   return tf.reverse_sequence(x, lengths, seq_axis=0, batch_axis=1)
 
 
-def _time_major_inputs(step: steps_lib.Step, inputs: Nest,
-                       time_major: bool) -> tuple[list, _Dim, _Dim]:
-  """Validates `inputs`; returns flat time-major leaves, batch and time."""
+def _step_spec(x: tf.Tensor, time_major: bool) -> tf.TensorSpec:
+  """The spec of one step of `x`: its shape without the time axis."""
+  time_axis = 0 if time_major else 1
+  return tf.TensorSpec(
+      x.shape[:time_axis].concatenate(x.shape[time_axis + 1:]), x.dtype)
+
+
+def _flat_inputs(step: steps_lib.Step, inputs: Nest,
+                 time_major: bool) -> tuple[list, _Dim, _Dim]:
+  """Validates `inputs`; returns their flat leaves, batch and time."""
   inputs = tf.nest.map_structure(tf.convert_to_tensor, inputs)
   flat = tf.nest.flatten(inputs)
   if not flat:
@@ -196,18 +210,27 @@ def _time_major_inputs(step: steps_lib.Step, inputs: Nest,
   layout = "[time, batch, ...]" if time_major else "[batch, time, ...]"
   for x, name in zip(flat, names):
     _checks.check_rank_at_least(x, 3, name, layout)
-  flat = flat if time_major else [_swap_batch_time(x) for x in flat]
-  batch = _checks.merge_dim([(n, x.shape[1]) for n, x in zip(names, flat)],
+  b, t = (1, 0) if time_major else (0, 1)
+  batch = _checks.merge_dim([(n, x.shape[b]) for n, x in zip(names, flat)],
                             "batch size")
-  time = _checks.merge_dim([(n, x.shape[0]) for n, x in zip(names, flat)],
+  time = _checks.merge_dim([(n, x.shape[t]) for n, x in zip(names, flat)],
                            "number of time steps")
   if batch is None and len(flat) > 1:
     for name, x in zip(names[1:], flat[1:]):
       _checks.dynamic_assert_equal(
-          tf.shape(x)[1], tf.shape(flat[0])[1],
+          tf.shape(x)[b], tf.shape(flat[0])[b],
           f"{name} and {names[0]} have different batch sizes.")
-  _check_input_spec(step, inputs, names, flat)
-  return flat, _Dim(batch, _size(flat[0], 1)), _Dim(time, _size(flat[0], 0))
+  _check_input_spec(step, inputs, names,
+                    [_step_spec(x, time_major) for x in flat])
+  return flat, _Dim(batch, _size(flat[0], b)), _Dim(time, _size(flat[0], t))
+
+
+def _time_major_inputs(step: steps_lib.Step, inputs: Nest,
+                       time_major: bool) -> tuple[list, _Dim, _Dim]:
+  """Validates `inputs`; returns flat time-major leaves, batch and time."""
+  flat, batch, time = _flat_inputs(step, inputs, time_major)
+  return ([x if time_major else _swap_batch_time(x) for x in flat], batch,
+          time)
 
 
 def _size(x: tf.Tensor, axis: int) -> int | tf.Tensor:
@@ -217,7 +240,7 @@ def _size(x: tf.Tensor, axis: int) -> int | tf.Tensor:
 
 
 def _check_input_spec(step: steps_lib.Step, inputs: Nest, names: list[str],
-                      flat_time_major: list[tf.Tensor]) -> None:
+                      step_specs: list[tf.TensorSpec]) -> None:
   """Inputs against a step model's declared `x_t` input (when it has one)."""
   if step.input_spec is None:
     return
@@ -228,20 +251,20 @@ def _check_input_spec(step: steps_lib.Step, inputs: Nest, names: list[str],
         f"`inputs` is nested as {_checks.nesting(inputs)}"
         f" but {step.name} expects x_t nested as "
         f"{_checks.nesting(step.input_spec)}.") from None
-  for name, x, spec in zip(names, flat_time_major,
+  for name, x, spec in zip(names, step_specs,
                            tf.nest.flatten(step.input_spec)):
     if _checks.is_float(spec.dtype) and not _checks.is_float(x.dtype):
       raise TypeError(f"{name} has dtype {x.dtype.name} but {step.name} "
                       f"expects floating inputs ({spec.dtype.name}).")
-    if not x.shape[1:].is_compatible_with(spec.shape):
+    if not x.shape.is_compatible_with(spec.shape):
       raise ValueError(
-          f"{name} has per-step shape {_checks.shape_str(x.shape[1:])} "
+          f"{name} has per-step shape {_checks.shape_str(x.shape)} "
           f"([batch, ...] after removing time) but {step.name} expects x_t of "
           f"shape {_checks.shape_str(spec.shape)}.")
 
 
 def _initial_states(step: steps_lib.Step, initial_states: Nest | None,
-                    batch: _Dim, x0: tf.Tensor) -> Nest:
+                    batch: _Dim) -> Nest:
   """Default or validated initial states, nested like the step's states."""
   if initial_states is None:
     return step.initial_state(batch.value)
@@ -276,7 +299,7 @@ def _initial_states(step: steps_lib.Step, initial_states: Nest | None,
                       "batch size")
     if batch.static is None or state.shape[0] is None:
       _checks.dynamic_assert_equal(
-          tf.shape(state)[0], tf.shape(x0)[1],
+          tf.shape(state)[0], batch.value,
           f"{name} and the inputs have different batch sizes.")
   return initial_states
 

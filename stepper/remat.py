@@ -97,31 +97,36 @@ def segment_length(remat: int | str, n_steps: int | tf.Tensor
 
 def run(loop: "engine._Loop", flat_x: list[tf.Tensor],
         n_steps: int | tf.Tensor, time: "engine._Dim", unroll: int,
-        remat: int | str) -> tuple[Nest, Nest, Nest | None]:
+        remat: int | str, time_major: bool = True
+        ) -> tuple[Nest, Nest, Nest | None]:
   """`loop.run`, with each segment of steps recomputed in the backward pass.
 
   Args:
     loop: The engine's loop, configured for the whole run.
-    flat_x: Flat inputs, each time-major `[time, batch, ...]`.
+    flat_x: Flat inputs, each `[time, batch, ...]` (or `[batch, time, ...]`
+      when not `time_major`). They are read a segment at a time, never
+      copied whole.
     n_steps: Steps to run (`max(sequence_length)` with sequence lengths).
     time: The time dimension of `flat_x`.
     unroll: Steps per iteration of the loop inside each segment.
     remat: Steps per segment, or "sqrt" (see `segment_length`).
+    time_major: The layout of `flat_x`.
 
   Returns:
-    `(outputs, final_states, all_states)` exactly as `loop.run` returns them.
+    `(outputs, final_states, all_states)` exactly as `loop.run` returns them
+    (sequences time-major).
   """
-  batch = tf.shape(flat_x[0])[1]
+  batch = tf.shape(flat_x[0])[1 if time_major else 0]
   call = loop._step.start(batch, loop._training)
   controls = {name: value for name, value in (("mask", loop._controls.mask),
                                                ("resets", loop._controls.resets))
               if value is not None}
   if loop._reverse:  # Run the reversed sequence forward; reverse back below.
-    flat_x = [tf.reverse(x, [0]) for x in flat_x]
     controls = {name: tf.reverse(v, [0]) for name, v in controls.items()}
-  segments = _Segments(loop, call, unroll, flat_x, controls)
-  outputs, all_states, final_states = segments.run(
-      flat_x, controls, n_steps, segment_length(remat, n_steps), time)
+  inputs = _Inputs(flat_x, time_major, loop._reverse, time)
+  k = segment_length(remat, n_steps)
+  segments = _Segments(loop, call, unroll, inputs, controls, batch)
+  outputs, all_states, final_states = segments.run(n_steps, k, time)
   if loop._reverse:
     outputs = [tf.reverse(y, [0]) for y in outputs]
     all_states = [tf.reverse(s, [0]) for s in all_states]
@@ -130,22 +135,79 @@ def run(loop: "engine._Loop", flat_x: list[tf.Tensor],
           pack(loop._states, all_states) if all_states else None)
 
 
+class _Inputs:
+  """Slices of the inputs, time-major and in the order the loop runs."""
+
+  def __init__(self, flat_x: list[tf.Tensor], time_major: bool, reverse: bool,
+               time: "engine._Dim"):
+    self.flat = list(flat_x)
+    self._axis = 0 if time_major else 1
+    self._reverse = reverse
+    self._time = time
+    # Per-step specs, `[batch, ...]`.
+    self.step_specs = [
+        tf.TensorSpec(x.shape[:self._axis].concatenate(
+            x.shape[self._axis + 1:]), x.dtype) for x in flat_x]
+
+  def rows(self, x: tf.Tensor, start, n) -> tf.Tensor:
+    """Steps `start .. start + n` (in running order) of `x`, `[n, batch, ...]`.
+
+    A `tf.slice` with a static size when `n` is static: XLA compiles it to
+    one dynamic slice.
+    """
+    if self._reverse:
+      start = self._time.value - start - n
+    begin = [0] * x.shape.rank
+    begin[self._axis] = start
+    size = [-1] * x.shape.rank
+    size[self._axis] = n
+    rows = tf.slice(x, tf.stack(begin), tf.stack(size))
+    if self._axis:
+      rows = engine._swap_batch_time(rows)
+    return tf.reverse(rows, [0]) if self._reverse else rows
+
+  def layout(self, rows: tf.Tensor) -> tf.Tensor:
+    """Time-major rows of all steps, in running order, in the inputs' layout.
+    """
+    if self._reverse:
+      rows = tf.reverse(rows, [0])
+    return engine._swap_batch_time(rows) if self._axis else rows
+
+
 class _Segments:
-  """The engine's loop run as checkpointed segments of steps."""
+  """The engine's loop run as checkpointed segments of steps.
+
+  One `tf.custom_gradient` covers the whole run. Its forward pass runs the
+  segments in a `tf.while_loop` and saves only each segment's starting carry
+  (and the values of the variables the step writes). Its backward pass is a
+  second `tf.while_loop` over the segments in reverse: each iteration re-runs
+  one segment from its saved carry under a `tf.GradientTape` and
+  backpropagates that segment's slice of the incoming gradients. Inputs and
+  incoming gradients are read a segment at a time, so besides the results
+  (and the input gradient, when the inputs are differentiable) nothing of
+  size `[time, batch, ...]` is kept.
+  """
 
   def __init__(self, loop: "engine._Loop", call, unroll: int,
-               flat_x: list[tf.Tensor], controls: dict[str, tf.Tensor]):
+               inputs: _Inputs, controls: dict[str, tf.Tensor],
+               batch: tf.Tensor):
     self._loop = loop
     self._call = call
     self._unroll = unroll
+    self._inputs = inputs
+    self._controls = controls
+    self._batch = batch
     self._flat_y_spec = tf.nest.flatten(loop._y_spec)
-    self._variables, self._written = _step_variables(loop, call, flat_x)
+    self._variables, self._written = _step_variables(loop, call,
+                                                     inputs.step_specs)
     self._resets = "resets" in controls
     # Specs of the rows of every returned sequence: outputs, then states.
     self._row_specs = ((self._flat_y_spec if loop._return_sequences else []) +
                        (loop._flat_init if loop._return_all_states else []))
+    self._last = ([engine._zeros(s, batch) for s in self._flat_y_spec]
+                  if loop._carry_last else [])
 
-  def run(self, flat_x, controls, n_steps, k, time):
+  def run(self, n_steps, k, time):
     """Runs `n_steps` steps in segments of `k`.
 
     Returns:
@@ -153,132 +215,201 @@ class _Segments:
       ...]` (`outputs` is the last output without `return_sequences`).
     """
     loop = self._loop
-    batch = tf.shape(flat_x[0])[1]
-    # Inputs as segments of k rows: a TensorArray read's gradient is one
-    # write (a gather's is a scatter, which XLA lacks).
-    x_segments = [_segments_of(x, k, time.value) for x in flat_x]
-    control_segments = {name: _segments_of(v, k, time.value)
-                        for name, v in controls.items()}
-    last = ([engine._zeros(s, batch) for s in self._flat_y_spec]
-            if loop._carry_last else [])
-
-    def segment(j, n, carry):
-      cut = lambda ta: ta.read(j) if n is k else ta.read(j)[:n]
-      # The backward pass reads the segment's inputs again: the inputs stay
-      # in their TensorArray instead of being kept once more per segment.
-      read = lambda: ([cut(ta) for ta in x_segments],
-                      {name: cut(ta) for name, ta in control_segments.items()})
-      ys, all_states, flat_states, last = self._segment(n, read, *carry)
-      return ys + all_states, (flat_states, last)
-
     static = isinstance(k, int) and isinstance(n_steps, int)
     if static:  # Static shapes (XLA needs them): full segments, then the rest.
       n_full, remainder = divmod(n_steps, k)
-    else:  # The last segment may be shorter; it is padded to k rows.
+    else:  # The last segment may be shorter.
       n_full, remainder = (n_steps + k - 1) // k, 0
-    carry = (list(loop._flat_init), last)
-    pieces = []
-    if not isinstance(n_full, int) or n_full > 0:
-      rows, carry = self._full_segments(segment, n_full, k, n_steps, batch,
-                                        carry)
-      pieces.append(rows)
-    if remainder:
-      rows, carry = segment(n_full, remainder, carry)
-      pieces.append(rows)
-    final_states, last = carry
-    if pieces:
-      rows = [tf.concat(p, 0) if len(p) > 1 else p[0] for p in zip(*pieces)]
+    plan = _Plan(n_steps, k, n_full, remainder)
+    if static and n_steps == 0:
+      sequences = [_fit_time(_no_rows(s, self._batch), s, time)
+                   for s in self._row_specs]
+      final_states, last = list(loop._flat_init), self._last
     else:
-      rows = [_no_rows(s, batch) for s in self._row_specs]
-    sequences = [_fit_time(r, s, time) for r, s in zip(rows, self._row_specs)]
+      # The reset target is an input too: gradients flow to it via resets.
+      reset_to = list(loop._flat_reset) if self._resets else []
+      groups = [self._inputs.flat, list(loop._flat_init), reset_to]
+      # The variables' handles as this (forward) graph sees them; see
+      # `_handles_from`. Eager execution needs no such detour.
+      handles = ([] if tf.executing_eagerly() else
+                 [tf.identity(v.handle) for v in self._variables])
+
+      @tf.custom_gradient
+      def segmented(*flat_args):
+        x, init, reset_to = _split(flat_args, groups)
+        result, saved = self._forward(plan, x, init, reset_to, time)
+
+        def grad_fn(*d_result, variables=None):
+          with _handles_from(self._variables, handles):
+            return self._backward(plan, x, reset_to, saved, time,
+                                  _split(d_result, self._result_groups()),
+                                  variables or [])
+
+        return tf.nest.flatten(result), grad_fn
+
+      sequences, final_states, last = _split(
+          segmented(*tf.nest.flatten(groups)), self._result_groups())
+      for new, old in zip(final_states, loop._flat_init):
+        new.set_shape(old.shape)
     n_outputs = len(self._flat_y_spec) if loop._return_sequences else 0
     outputs = sequences[:n_outputs] if loop._return_sequences else last
     return outputs, sequences[n_outputs:], final_states
 
-  def _full_segments(self, segment, n_full, k, n_steps, batch, carry):
-    """`n_full` segments of `k` steps (the last one may be shorter) in a loop.
+  def _result_groups(self):
+    return [self._row_specs, self._loop._flat_init, self._last]
+
+  def _forward(self, plan, x, init, reset_to, time):
+    """Runs every segment, keeping only the carries between them.
 
     Returns:
-      `(rows, carry)`: every sequence's rows, `[n_full * k, batch, ...]`,
-      zero after `n_steps`.
+      `(result, saved)`: `result` is `[sequences, final_states, last]`;
+      `saved` holds each segment's starting carry and written variables.
     """
-    static_k = k if isinstance(k, int) else None
+    static_k = plan.k if isinstance(plan.k, int) else None
+    carry = (list(init), list(self._last))
+    row_tas = [tf.TensorArray(s.dtype, size=plan.n_full, element_shape=(
+        tf.TensorShape([static_k]).concatenate(s.shape)))
+               for s in self._row_specs]
+    carry_tas = [_array(c, plan.n_full) for c in tf.nest.flatten(carry)]
+    snapshot_tas = [_array(v, plan.n_full) for v in self._written]
 
-    def body(j, tas, carry):
-      n = k if isinstance(n_steps, int) else tf.minimum(k, n_steps - j * k)
-      rows, carry = segment(j, n, carry)
-      rows = [_pad_rows(r, k - n, static_k) for r in rows]
-      return j + 1, [ta.write(j, r) for ta, r in zip(tas, rows)], carry
-
-    tas = [tf.TensorArray(s.dtype, size=n_full, element_shape=tf.TensorShape(
-        [static_k]).concatenate(s.shape)) for s in self._row_specs]
-    _, tas, carry = tf.while_loop(
-        lambda j, *_: j < n_full, body, (0, tas, carry),
-        maximum_iterations=n_full, **self._loop._loop_kwargs)
-
-    def merge(ta, spec):
-      stacked = lambda: _merge_leading(ta.stack())
-      if isinstance(n_full, int):
-        return stacked()
-      return tf.cond(n_full > 0, stacked, lambda: _no_rows(spec, batch))
-
-    return [merge(ta, s) for ta, s in zip(tas, self._row_specs)], carry
-
-  def _segment(self, n, read, flat_states, last):
-    """`n >= 1` steps from `(flat_states, last)`, recomputed for gradients.
-
-    Args:
-      n: Number of steps (an int, or an int32 scalar tensor).
-      read: Returns the segment's flat inputs, each `[n, batch, ...]`, and
-        its bool `[n, batch]` mask and resets by name.
-      flat_states: Flat states before the segment, each `[batch, ...]`.
-      last: The carried last output (empty unless the loop carries it).
-
-    Returns:
-      Flat `(outputs [n, ...], all_states [n, ...], states, last)`.
-    """
-    # The reset target is an input too: gradients flow to it through resets.
-    reset_to = list(self._loop._flat_reset) if self._resets else []
-    x, controls = read()
-    groups = [list(flat_states), list(last), list(x), reset_to]
-    # The values the step's written variables had when the segment started.
-    snapshot = [tf.identity(v.read_value()) for v in self._written]
-    # The variables' handles as this (forward) graph sees them; see
-    # `_handles_from`. Eager execution needs no such detour.
-    handles = ([] if tf.executing_eagerly() else
-               [tf.identity(v.handle) for v in self._variables])
-
-    @tf.custom_gradient
-    def segment(*flat_args):
+    def segment(j, n, carry):
+      # The carry and the written variables' values before the segment.
+      snapshot = self._snapshot(carry)
       with tf.control_dependencies(snapshot):
-        result = self._steps(n, controls, *_split(flat_args, groups))
+        rows, states, last = self._steps(
+            n, self._controls_at(plan, j, n),
+            *carry, [self._inputs.rows(v, j * plan.k, n) for v in x],
+            reset_to)
+      return rows, (states, last), snapshot
 
-      def grad_fn(*d_result, variables=None):
-        x, controls = read()
-        args = _split(flat_args, groups)
-        args[2] = x
-        with _handles_from(self._variables, handles):
-          return self._backward(n, controls, tf.nest.flatten(args), groups,
-                                snapshot, d_result, variables or [])
+    def body(j, row_tas, carry_tas, snapshot_tas, carry):
+      n = plan.size(j)
+      carry_tas = [ta.write(j, c) for ta, c in
+                   zip(carry_tas, tf.nest.flatten(carry))]
+      rows, carry, snapshot = segment(j, n, carry)
+      snapshot_tas = [ta.write(j, s) for ta, s in zip(snapshot_tas, snapshot)]
+      row_tas = [ta.write(j, _pad_rows(r, plan.k - n, static_k))
+                 for ta, r in zip(row_tas, rows)]
+      return j + 1, row_tas, carry_tas, snapshot_tas, carry
 
-      return tf.nest.flatten(result), grad_fn
+    _, row_tas, carry_tas, snapshot_tas, carry = tf.while_loop(
+        lambda j, *_: j < plan.n_full, body,
+        (0, row_tas, carry_tas, snapshot_tas, carry),
+        maximum_iterations=plan.n_full, **self._loop._loop_kwargs)
+    saved = dict(carries=carry_tas, snapshots=snapshot_tas)
+    pieces = [[self._stack(ta, s, plan.n_full)
+               for ta, s in zip(row_tas, self._row_specs)]]
+    if plan.remainder:
+      saved["last_carry"] = tf.nest.flatten(carry)
+      rows, carry, saved["last_snapshot"] = segment(
+          plan.n_full, plan.remainder, carry)
+      pieces.append(rows)
+    rows = [tf.concat(p, 0) if len(p) > 1 else p[0] for p in zip(*pieces)]
+    sequences = [_fit_time(r, s, time) for r, s in zip(rows, self._row_specs)]
+    states, last = carry
+    return [sequences, states, last], saved
 
-    flat_result = segment(*tf.nest.flatten(groups))
-    ys, all_states, flat_states, last = tf.nest.pack_sequence_as(
-        self._result_structure(), flat_result)
-    for new, old in zip(flat_states, groups[0]):
-      new.set_shape(old.shape)  # Keeps the outer loop's shape invariants.
-    return ys, all_states, flat_states, last
+  def _backward(self, plan, x, reset_to, saved, time, d_result, variables):
+    """Backpropagates `d_result` through the segments, last to first.
 
-  def _result_structure(self):
-    loop = self._loop
-    return ([0] * (len(self._flat_y_spec) if loop._return_sequences else 0),
-            [0] * (len(loop._flat_init) if loop._return_all_states else 0),
-            [0] * len(loop._flat_init),
-            [0] * (len(self._flat_y_spec) if loop._carry_last else 0))
+    Returns:
+      `(input_grads, variable_grads)` as `tf.custom_gradient` expects.
+    """
+    d_sequences, d_states, d_last = d_result
+    d_states = _zeros_for_none(d_states, self._loop._flat_init)
+    d_last = _zeros_for_none(d_last, self._last)
+    # What the forward pass left in the written variables; put back at the end.
+    now = [tf.identity(v.read_value()) for v in self._written]
+    static_k = plan.k if isinstance(plan.k, int) else None
+    n_segments = plan.n_full + (1 if plan.remainder else 0)
+    dx_tas = [tf.TensorArray(v.dtype, size=n_segments, element_shape=(
+        tf.TensorShape([static_k]).concatenate(s.shape)))
+              for v, s in zip(x, self._inputs.step_specs) if _is_float(v)]
+    sums = ([tf.zeros_like(r) for r in reset_to] +
+            [tf.zeros_like(v) for v in variables])
+
+    def segment(j, n, carry, snapshot, d_carry, sums, dx_tas):
+      rows = lambda d, spec: (tf.zeros(tf.concat([[n, self._batch],
+                                                  spec.shape[1:]], 0),
+                                       spec.dtype)
+                              if d is None else self._rows_of(d, j, plan, n))
+      d_rows = [rows(d, s) for d, s in zip(d_sequences, self._row_specs)]
+      x_rows = [self._inputs.rows(v, j * plan.k, n) for v in x]
+      grads = self._segment_grads(
+          n, self._controls_at(plan, j, n), carry, x_rows, reset_to,
+          snapshot, d_rows, d_carry, variables)
+      d_carry, dx, d_sums = grads
+      sums = [a + b for a, b in zip(sums, d_sums)]
+      dx_tas = [ta.write(j, _pad_rows(d, plan.k - n, static_k))
+                for ta, d in zip(dx_tas, dx)]
+      return d_carry, sums, dx_tas
+
+    d_carry = list(d_states) + list(d_last)
+    if plan.remainder:
+      d_carry, sums, dx_tas = segment(
+          plan.n_full, plan.remainder, saved["last_carry"],
+          saved["last_snapshot"], d_carry, sums, dx_tas)
+
+    def body(i, d_carry, sums, dx_tas):
+      j = plan.n_full - 1 - i
+      read = lambda tas: [ta.read(j) for ta in tas]
+      d_carry, sums, dx_tas = segment(
+          j, plan.size(j), read(saved["carries"]), read(saved["snapshots"]),
+          d_carry, sums, dx_tas)
+      return i + 1, d_carry, sums, dx_tas
+
+    _, d_carry, sums, dx_tas = tf.while_loop(
+        lambda i, *_: i < plan.n_full, body, (0, d_carry, sums, dx_tas),
+        maximum_iterations=plan.n_full, **self._loop._loop_kwargs)
+    with tf.control_dependencies(d_carry + sums):
+      restore = [v.assign(c) for v, c in zip(self._written, now)]
+    with tf.control_dependencies(restore):
+      d_carry = [tf.identity(d) for d in d_carry]
+    dx_tas = iter(dx_tas)
+    dx = [self._input_grad(next(dx_tas), v, plan, time)
+          if _is_float(v) else None for v in x]
+    d_init = d_carry[:len(self._loop._flat_init)]
+    d_reset = sums[:len(reset_to)]
+    return dx + d_init + d_reset, sums[len(reset_to):]
+
+  def _input_grad(self, ta, x, plan, time):
+    """One input's gradient, in its layout, from its per-segment array."""
+    spec = tf.TensorSpec(ta.element_shape[1:], x.dtype)  # [batch, ...]
+    n_segments = plan.n_full + (1 if plan.remainder else 0)
+    rows = _fit_time(self._stack(ta, spec, n_segments), spec, time)
+    return self._inputs.layout(rows)
+
+  def _stack(self, ta, spec, size):
+    """`[size * k, batch, ...]` rows from an array of `size` segments."""
+    stacked = lambda: _merge_leading(ta.stack())
+    if isinstance(size, int):
+      return stacked() if size else _no_rows(spec, self._batch)
+    return tf.cond(size > 0, stacked, lambda: _no_rows(spec, self._batch))
+
+  def _rows_of(self, sequence, j, plan, n):
+    """Rows `j * k .. j * k + n` of a time-major `sequence`."""
+    begin = tf.stack([j * plan.k] + [0] * (sequence.shape.rank - 1))
+    size = tf.stack([n] + [-1] * (sequence.shape.rank - 1))
+    return tf.slice(sequence, begin, size)
+
+  def _controls_at(self, plan, j, n):
+    return {name: self._rows_of(v, j, plan, n)
+            for name, v in self._controls.items()}
+
+  def _snapshot(self, anchors):
+    """The written variables' values, read after `anchors` are computed."""
+    with tf.control_dependencies(tf.nest.flatten(anchors)):
+      return [tf.identity(v.read_value()) for v in self._written]
 
   def _steps(self, n, controls, flat_states, last, x, reset_to):
-    """The engine's loop body over one segment; no checkpointing inside."""
+    """The engine's loop body over one segment; no checkpointing inside.
+
+    Returns:
+      Flat `(rows [n, ...], states, last)`: the rows of every returned
+      sequence (outputs, then states), the states and the carried last output
+      after the segment.
+    """
     seg = copy.copy(self._loop)
     # The segment's own inputs, indexed from 0; the run's per-step function.
     seg._call, seg._time, seg._reverse = self._call, n, False
@@ -297,59 +428,82 @@ class _Segments:
     _, carry = seg._while(t, n, 1, carry, maximum_iterations=(
         n if self._unroll == 1 else self._unroll - 1))
     out_tas, state_tas, flat_states, last = carry
-    return ([ta.stack() for ta in out_tas], [ta.stack() for ta in state_tas],
-            flat_states, last)
+    rows = [ta.stack() for ta in out_tas] + [ta.stack() for ta in state_tas]
+    return rows, flat_states, last
 
-  def _backward(self, n, controls, flat_args, groups, snapshot, d_result,
-                variables):
-    """Recomputes the segment from its inputs and backpropagates `d_result`.
+  def _segment_grads(self, n, controls, carry, x, reset_to, snapshot, d_rows,
+                     d_carry, variables):
+    """Re-runs one segment from its saved carry and backpropagates through it.
+
+    Args:
+      n: The segment's number of steps.
+      controls: Its mask and resets rows by name, `[n, batch]`.
+      carry: Flat states and last output before the segment.
+      x: Its input rows, time-major `[n, batch, ...]`.
+      reset_to: The flat reset target.
+      snapshot: The written variables' values before the segment.
+      d_rows: Gradients of its rows of every returned sequence.
+      d_carry: Gradients of the flat states and last output after it.
+      variables: Variables to differentiate.
 
     Returns:
-      `(input_grads, variable_grads)` as `tf.custom_gradient` expects.
+      `(d_carry, dx, d_sums)`: gradients of the carry before the segment, of
+      the float inputs' rows, and of `reset_to` followed by `variables`.
     """
-    now = [tf.identity(v.read_value()) for v in self._written]
-    with tf.control_dependencies(now):
+    # Rewind the written variables once the later segment is done with them;
+    # recompute only then, too: otherwise the loop's parallel iterations
+    # would hold several segments' activations at once.
+    with tf.control_dependencies(d_carry):
       rewind = [v.assign(s) for v, s in zip(self._written, snapshot)]
-    with tf.control_dependencies(rewind):
-      inputs = [tf.identity(a) for a in flat_args]
-    sources = [s for s in inputs + list(variables) if _is_float(s)]
+    with tf.control_dependencies(list(d_carry) + rewind):
+      carry = [tf.identity(c) for c in carry]
+      x = [tf.identity(v) for v in x]
+      reset_to = [tf.identity(r) for r in reset_to]
+    n_states = len(self._loop._flat_init)
+    float_x = [v for v in x if _is_float(v)]
+    sources = carry + float_x + reset_to + list(variables)
     with tf.GradientTape(watch_accessed_variables=False) as tape:
       tape.watch(sources)
-      result = tf.nest.flatten(
-          self._steps(n, controls, *_split(inputs, groups)))
-    targets, d_targets = [], []
-    for r, d in zip(result, d_result):
-      if _is_float(r):
-        targets.append(r)
-        # A None output gradient would mean "ones" to the tape.
-        d_targets.append(tf.zeros_like(r) if d is None else d)
-    grads = iter(tape.gradient(
-        targets, sources, output_gradients=d_targets,
-        unconnected_gradients=tf.UnconnectedGradients.ZERO))
-    grads = [next(grads) if _is_float(s) else None
-             for s in inputs + list(variables)]
-    with tf.control_dependencies([g for g in grads if g is not None]):
-      restore = [v.assign(c) for v, c in zip(self._written, now)]
-    with tf.control_dependencies(restore):
-      grads = [None if g is None else tf.identity(g) for g in grads]
-    return grads[:len(inputs)], grads[len(inputs):]
+      rows, states, last = self._steps(n, controls, carry[:n_states],
+                                       carry[n_states:], x, reset_to)
+    grads = tape.gradient(
+        rows + states + last, sources,
+        output_gradients=d_rows + list(d_carry),
+        unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    # The step's own writes finish before the next (earlier) segment rewinds.
+    done = self._snapshot(grads)
+    with tf.control_dependencies(done):
+      grads = [tf.identity(g) for g in grads]
+    n_carry = len(carry)
+    return (grads[:n_carry], grads[n_carry:n_carry + len(float_x)],
+            grads[n_carry + len(float_x):])
+
+
+class _Plan:
+  """How `n_steps` steps split into segments of `k`."""
+
+  def __init__(self, n_steps, k, n_full, remainder):
+    self.n_steps, self.k, self.n_full, self.remainder = (n_steps, k, n_full,
+                                                         remainder)
+
+  def size(self, j):
+    """Steps in full-loop segment `j`: `k`, or fewer for the last one of a
+    dynamic run."""
+    if isinstance(self.n_steps, int) and isinstance(self.k, int):
+      return self.k
+    return tf.minimum(self.k, self.n_steps - j * self.k)
+
+
+def _array(value: tf.Tensor, size) -> tf.TensorArray:
+  return tf.TensorArray(value.dtype, size=size, element_shape=value.shape)
+
+
+def _zeros_for_none(grads, like: list[tf.Tensor]) -> list[tf.Tensor]:
+  return [tf.zeros_like(v) if g is None else g for g, v in zip(grads, like)]
 
 
 def _is_float(value) -> bool:
   return value.dtype.is_floating or value.dtype.is_complex
-
-
-def _segments_of(x: tf.Tensor, k, time) -> tf.TensorArray:
-  """Time-major `x` zero-padded to whole segments, one `[k, ...]` each."""
-  n_segments = (time + k - 1) // k
-  padded = tf.pad(x, [[0, n_segments * k - time]] +
-                  [[0, 0]] * (x.shape.rank - 1))
-  segments = tf.reshape(padded, tf.concat(
-      [[n_segments, k], tf.shape(x)[1:]], 0))
-  return tf.TensorArray(
-      x.dtype, size=n_segments, clear_after_read=False,  # Read twice.
-      element_shape=(tf.TensorShape([k if isinstance(k, int) else None])
-                     .concatenate(x.shape[1:]))).unstack(segments)
 
 
 def _unstack(x: tf.Tensor, size) -> tf.TensorArray:
@@ -366,7 +520,8 @@ def _split(flat: list, groups: list[list]) -> list[list]:
   return out
 
 
-def _step_variables(loop: "engine._Loop", call, flat_x: list[tf.Tensor]
+def _step_variables(loop: "engine._Loop", call,
+                    x_specs: list[tf.TensorSpec]
                     ) -> tuple[list[tf.Variable], list[tf.Variable]]:
   """The variables one step reads and those it writes, found by tracing it.
 
@@ -379,7 +534,7 @@ def _step_variables(loop: "engine._Loop", call, flat_x: list[tf.Tensor]
   """
   x_spec = tf.nest.pack_sequence_as(
       loop._x_structure,
-      [tf.TensorSpec(x.shape[1:], x.dtype) for x in flat_x])
+      x_specs)
   state_spec = tf.nest.map_structure(
       lambda s: tf.TensorSpec(s.shape, s.dtype), loop._states)
   concrete = tf.function(

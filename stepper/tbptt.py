@@ -222,7 +222,7 @@ class Updater:
           "statically to return one update per k1 steps. Give `inputs` a "
           "static time dimension.")
     states = engine._initial_states(
-        self._step, initial_states, batch, flat_x[0])
+        self._step, initial_states, batch)
     x = tf.nest.pack_sequence_as(inputs, flat_x)
     targets = tf.nest.map_structure(tf.convert_to_tensor, targets)
     for name, t in zip(_checks.leaf_paths(targets, "targets"),
