@@ -8,8 +8,13 @@ above the bytes in use before is the memory one training step needs. The
 child's lifetime `ru_maxrss` is reported too. Time: median of `--runs` calls
 after the warm-up, results forced with `.numpy()`.
 
-    python -m benchmarks.remat --times=500,1000,2000,4000 \
-        --remats=none,sqrt,16,64 --batch=16 --units=128 --features=128
+    python -m benchmarks.remat --times=500,1000,2000,4000,8000 \
+        --remats=none,sqrt,16,64 --losses=all,last
+
+Two losses: `all`, the mean square of every output (the outputs and their
+gradient are `[batch, T, units]` buffers no recomputation can remove), and
+`last`, the mean square of the last output only (`return_sequences=False`,
+as in sequence classification).
 
 Writes `benchmarks/results/remat.json`, a PNG plot and a Markdown table.
 """
@@ -26,13 +31,15 @@ from absl import app
 from absl import flags
 from absl import logging
 
-_TIMES = flags.DEFINE_list("times", ["500", "1000", "2000", "4000"],
+_TIMES = flags.DEFINE_list("times", ["500", "1000", "2000", "4000", "8000"],
                            "Sequence lengths T to sweep.")
 _REMATS = flags.DEFINE_list("remats", ["none", "sqrt", "16", "64"],
                             "remat values: none, sqrt or ints.")
-_BATCH = flags.DEFINE_integer("batch", 16, "Batch size.")
-_UNITS = flags.DEFINE_integer("units", 128, "GRU units.")
-_FEATURES = flags.DEFINE_integer("features", 128, "Input features per step.")
+_LOSSES = flags.DEFINE_list("losses", ["all", "last"],
+                            "Losses: all (every output) or last (last output).")
+_BATCH = flags.DEFINE_integer("batch", 64, "Batch size.")
+_UNITS = flags.DEFINE_integer("units", 256, "GRU units.")
+_FEATURES = flags.DEFINE_integer("features", 256, "Input features per step.")
 _RUNS = flags.DEFINE_integer("runs", 3, "Timed calls after the warm-up.")
 _XLA = flags.DEFINE_bool("xla", False, "Compile with XLA (jit_compile).")
 _OUT = flags.DEFINE_string("out", "benchmarks/results/remat.json",
@@ -58,7 +65,8 @@ def _measure(point: dict) -> dict:
   @tf.function(jit_compile=point["xla"])
   def train_step(x):
     with tf.GradientTape() as tape:
-      y, _ = stepper.model_rnn(cell, x, remat=remat)
+      y, _ = stepper.model_rnn(cell, x, remat=remat,
+                               return_sequences=point["loss"] == "all")
       loss = tf.reduce_mean(tf.square(y))
     return loss, tape.gradient(loss, cell.trainable_variables)
 
@@ -90,44 +98,51 @@ def _run_child(point: dict) -> dict:
 
 
 def _table(results: list[dict]) -> str:
-  """Markdown: one row per T; peak MB, time and ratios vs remat=None."""
+  """Markdown: one row per (loss, T); peak MB, time and ratios vs no remat."""
   remats = list(dict.fromkeys(r["remat"] for r in results))
-  by_key = {(r["time"], r["remat"]): r for r in results}
-  header = "| T | " + " | ".join(
+  by_key = {(r["loss"], r["time"], r["remat"]): r for r in results}
+  header = "| loss | T | " + " | ".join(
       f"{m} peak MB / s" + ("" if m == "none" else " (x less mem, x time)")
       for m in remats) + " |"
-  lines = [header, "|" + "---|" * (len(remats) + 1)]
-  for t in sorted({r["time"] for r in results}):
-    plain = by_key.get((t, "none"), {})
+  lines = [header, "|" + "---|" * (len(remats) + 2)]
+  for loss, t in sorted({(r["loss"], r["time"]) for r in results}):
+    plain = by_key.get((loss, t, "none"), {})
     cells = []
     for m in remats:
-      r = by_key.get((t, m), {})
+      r = by_key.get((loss, t, m), {})
       if "peak_mb" not in r:
         cells.append("failed")
         continue
-      cell = f"{r['peak_mb']:.1f} / {r['seconds']:.2f}"
+      cell = f"{r['peak_mb']:.0f} / {r['seconds']:.2f}"
       if m != "none" and "peak_mb" in plain:
         cell += (f" ({plain['peak_mb'] / r['peak_mb']:.1f}x, "
                  f"{r['seconds'] / plain['seconds']:.2f}x)")
       cells.append(cell)
-    lines.append(f"| {t} | " + " | ".join(cells) + " |")
+    lines.append(f"| {loss} | {t} | " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
 
 
 def _plot(results: list[dict], path: str) -> None:
+  """Peak memory and time vs T: one line per (loss, remat)."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, (mem, sec) = plt.subplots(1, 2, figsize=(10, 4))
-  for m in dict.fromkeys(r["remat"] for r in results):
-    points = sorted((r["time"], r["peak_mb"], r["seconds"])
-                    for r in results if r["remat"] == m and "peak_mb" in r)
-    label = f"remat={m}"
-    mem.plot([p[0] for p in points], [p[1] for p in points], "o-", label=label)
-    sec.plot([p[0] for p in points], [p[2] for p in points], "o-", label=label)
-  mem.set(xlabel="T (steps)", ylabel="peak MB (forward+backward)")
-  sec.set(xlabel="T (steps)", ylabel="seconds per step")
-  mem.legend()
+  fig, (mem, sec) = plt.subplots(1, 2, figsize=(11, 4))
+  keys = dict.fromkeys((r["loss"], r["remat"]) for r in results)
+  for loss, m in keys:
+    points = sorted((r["time"], r["peak_mb"], r["seconds"]) for r in results
+                    if (r["loss"], r["remat"]) == (loss, m) and "peak_mb" in r)
+    style = "o-" if loss == "all" else "s--"
+    label = f"loss={loss}, remat={m}"
+    mem.plot([p[0] for p in points], [p[1] for p in points], style,
+             label=label)
+    sec.plot([p[0] for p in points], [p[2] for p in points], style,
+             label=label)
+  mem.set(xlabel="T (steps)", ylabel="peak MB (forward+backward)",
+          xscale="log", yscale="log")
+  sec.set(xlabel="T (steps)", ylabel="seconds per training step",
+          xscale="log", yscale="log")
+  mem.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
 
@@ -138,13 +153,14 @@ def main(argv):
     print(json.dumps(_measure(json.loads(_CHILD.value))))
     return
   results = []
-  for t in (int(v) for v in _TIMES.value):
-    for remat in _REMATS.value:
-      point = dict(time=t, remat=remat, batch=_BATCH.value,
-                   units=_UNITS.value, features=_FEATURES.value,
-                   runs=_RUNS.value, xla=_XLA.value)
-      results.append(_run_child(point))
-      logging.info("%s", results[-1])
+  for loss in _LOSSES.value:
+    for t in (int(v) for v in _TIMES.value):
+      for remat in _REMATS.value:
+        point = dict(loss=loss, time=t, remat=remat, batch=_BATCH.value,
+                     units=_UNITS.value, features=_FEATURES.value,
+                     runs=_RUNS.value, xla=_XLA.value)
+        results.append(_run_child(point))
+        logging.info("%s", results[-1])
   os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
   with open(_OUT.value, "w") as f:
     json.dump(results, f, indent=1)

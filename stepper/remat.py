@@ -329,40 +329,46 @@ class _Segments:
     sums = ([tf.zeros_like(r) for r in reset_to] +
             [tf.zeros_like(v) for v in variables])
 
-    def segment(j, n, carry, snapshot, d_carry, sums, dx_tas):
+    def segment(j, n, carry, snapshot, after, d_carry, sums, dx_tas):
       rows = lambda d, spec: (tf.zeros(tf.concat([[n, self._batch],
                                                   spec.shape[1:]], 0),
                                        spec.dtype)
                               if d is None else self._rows_of(d, j, plan, n))
       d_rows = [rows(d, s) for d, s in zip(d_sequences, self._row_specs)]
       x_rows = [self._inputs.rows(v, j * plan.k, n) for v in x]
-      grads = self._segment_grads(
+      d_carry, dx, d_sums, done = self._segment_grads(
           n, self._controls_at(plan, j, n), carry, x_rows, reset_to,
-          snapshot, d_rows, d_carry, variables)
-      d_carry, dx, d_sums = grads
+          snapshot, d_rows, d_carry, variables, after)
       sums = [a + b for a, b in zip(sums, d_sums)]
       dx_tas = [ta.write(j, _pad_rows(d, plan.k - n, static_k))
                 for ta, d in zip(dx_tas, dx)]
-      return d_carry, sums, dx_tas
+      return d_carry, sums, dx_tas, done
 
+    # Segment j is recomputed once segment j + 1 has been (`done`) and the
+    # gradients of segment j + 2 are through (`d_older`): one segment's
+    # recomputation overlaps the previous one's backpropagation, and no more
+    # than two segments' activations are alive. The loop's parallel
+    # iterations would otherwise recompute up to ten segments ahead.
     d_carry = list(d_states) + list(d_last)
+    done = list(d_states) + now
     if plan.remainder:
-      d_carry, sums, dx_tas = segment(
+      d_carry, sums, dx_tas, done = segment(
           plan.n_full, plan.remainder, saved["last_carry"],
-          saved["last_snapshot"], d_carry, sums, dx_tas)
+          saved["last_snapshot"], done, d_carry, sums, dx_tas)
 
-    def body(i, d_carry, sums, dx_tas):
+    def body(i, d_carry, d_older, done, sums, dx_tas):
       j = plan.n_full - 1 - i
       read = lambda tas: [ta.read(j) for ta in tas]
-      d_carry, sums, dx_tas = segment(
+      new_d_carry, sums, dx_tas, done = segment(
           j, plan.size(j), read(saved["carries"]), read(saved["snapshots"]),
-          d_carry, sums, dx_tas)
-      return i + 1, d_carry, sums, dx_tas
+          done + d_older, d_carry, sums, dx_tas)
+      return i + 1, new_d_carry, d_carry, done, sums, dx_tas
 
-    _, d_carry, sums, dx_tas = tf.while_loop(
-        lambda i, *_: i < plan.n_full, body, (0, d_carry, sums, dx_tas),
+    _, d_carry, _, done, sums, dx_tas = tf.while_loop(
+        lambda i, *_: i < plan.n_full, body,
+        (0, d_carry, d_carry, done, sums, dx_tas),
         maximum_iterations=plan.n_full, **self._loop._loop_kwargs)
-    with tf.control_dependencies(d_carry + sums):
+    with tf.control_dependencies(d_carry + sums + done):
       restore = [v.assign(c) for v, c in zip(self._written, now)]
     with tf.control_dependencies(restore):
       d_carry = [tf.identity(d) for d in d_carry]
@@ -432,7 +438,7 @@ class _Segments:
     return rows, flat_states, last
 
   def _segment_grads(self, n, controls, carry, x, reset_to, snapshot, d_rows,
-                     d_carry, variables):
+                     d_carry, variables, after):
     """Re-runs one segment from its saved carry and backpropagates through it.
 
     Args:
@@ -445,17 +451,19 @@ class _Segments:
       d_rows: Gradients of its rows of every returned sequence.
       d_carry: Gradients of the flat states and last output after it.
       variables: Variables to differentiate.
+      after: Tensors the recomputation waits for.
 
     Returns:
-      `(d_carry, dx, d_sums)`: gradients of the carry before the segment, of
-      the float inputs' rows, and of `reset_to` followed by `variables`.
+      `(d_carry, dx, d_sums, done)`: gradients of the carry before the
+      segment, of the float inputs' rows, and of `reset_to` followed by
+      `variables`; `done`, the recomputed states and written variables,
+      computed once the recomputation is complete.
     """
-    # Rewind the written variables once the later segment is done with them;
-    # recompute only then, too: otherwise the loop's parallel iterations
-    # would hold several segments' activations at once.
-    with tf.control_dependencies(d_carry):
+    # Rewind the written variables once the later segment's recomputation is
+    # done with them.
+    with tf.control_dependencies(after):
       rewind = [v.assign(s) for v, s in zip(self._written, snapshot)]
-    with tf.control_dependencies(list(d_carry) + rewind):
+    with tf.control_dependencies(list(after) + rewind):
       carry = [tf.identity(c) for c in carry]
       x = [tf.identity(v) for v in x]
       reset_to = [tf.identity(r) for r in reset_to]
@@ -466,17 +474,16 @@ class _Segments:
       tape.watch(sources)
       rows, states, last = self._steps(n, controls, carry[:n_states],
                                        carry[n_states:], x, reset_to)
+    # Read after the step's own writes: the next (earlier) segment rewinds
+    # only then.
+    done = [tf.identity(s) for s in states] + self._snapshot(states)
     grads = tape.gradient(
         rows + states + last, sources,
         output_gradients=d_rows + list(d_carry),
         unconnected_gradients=tf.UnconnectedGradients.ZERO)
-    # The step's own writes finish before the next (earlier) segment rewinds.
-    done = self._snapshot(grads)
-    with tf.control_dependencies(done):
-      grads = [tf.identity(g) for g in grads]
     n_carry = len(carry)
     return (grads[:n_carry], grads[n_carry:n_carry + len(float_x)],
-            grads[n_carry + len(float_x):])
+            grads[n_carry + len(float_x):], done)
 
 
 class _Plan:
