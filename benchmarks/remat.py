@@ -44,7 +44,8 @@ _RUNS = flags.DEFINE_integer("runs", 3, "Timed calls after the warm-up.")
 _XLA = flags.DEFINE_bool("xla", False, "Compile with XLA (jit_compile).")
 _OUT = flags.DEFINE_string("out", "benchmarks/results/remat.json",
                            "JSON results path (PNG next to it).")
-_TABLE = flags.DEFINE_string("table", "", "Also write a Markdown table here.")
+_TABLE = flags.DEFINE_string("markdown", "",
+                             "Also write a Markdown table here.")
 _CHILD = flags.DEFINE_string("child", "", "Internal: one point as JSON.")
 
 _MB = 1024.0 * 1024.0

@@ -2,15 +2,18 @@
 
 Backpropagating through the engine's `tf.while_loop` keeps every step's
 activations, so memory grows linearly with the number of steps `T`. With
-`model_rnn(..., remat=k)` the loop runs over segments of `k` steps instead
+`model_rnn(..., remat=k)` the run is cut into segments of `k` steps instead
 (Gruslys et al., "Memory-Efficient Backpropagation Through Time", 2016; what
-`jax.checkpoint` around a scan body does). Each segment is one
-`tf.custom_gradient` function: its forward pass keeps only its input carry
-(the states at every k-th step) and drops the activations inside; its
-backward pass re-runs the segment from the saved carry under a fresh
-`tf.GradientTape` and backpropagates the incoming gradients through it. Peak
-memory goes from `T` steps' activations to `T / k` carries plus `k` steps'
-activations (`k ~ sqrt(T)` minimises the sum) for one extra forward pass.
+`jax.checkpoint` around a scan body does). One `tf.custom_gradient` covers
+the whole run: its forward pass runs the segments in a `tf.while_loop` and
+keeps only each segment's starting carry; its backward pass is a second loop
+over the segments in reverse, re-running each from its saved carry under a
+`tf.GradientTape` and backpropagating that segment's slice of the incoming
+gradients. Peak memory goes from `T` steps' activations to `T / k` carries
+plus two segments' activations (`k ~ sqrt(T)` minimises the sum) for one
+extra forward pass. Inputs and incoming gradients are sliced a segment at a
+time, in the caller's layout: what stays sequence-sized is what the caller
+asked for (the outputs, their gradient, the inputs' gradient).
 
 The per-step logic (masks, resets, sequence lengths, output selection) is the
 engine's own `_Loop._one_step`, so the gradients are those of the plain

@@ -9,6 +9,7 @@ from absl.testing import parameterized
 import tensorflow as tf
 
 from benchmarks import memory
+from benchmarks import remat as remat_bench
 from benchmarks import report
 from benchmarks import rnn
 from benchmarks import variants
@@ -105,3 +106,19 @@ class RunTest(tf.test.TestCase):
 
 if __name__ == "__main__":
   tf.test.main()
+
+
+class RematBenchmarkTest(tf.test.TestCase):
+
+  def test_points_run_in_subprocesses_and_make_a_table(self):
+    results = [
+        remat_bench._run_child(dict(loss=loss, time=6, remat=remat, batch=2,
+                                    units=3, features=4, runs=1, xla=False))
+        for loss in ("all", "last") for remat in ("none", "2")]
+    for result in results:
+      self.assertNotIn("error", result)
+      self.assertGreater(result["peak_mb"], 0)
+    table = remat_bench._table(results)
+    self.assertLen(table.strip().splitlines(), 4)  # Header, rule, 2 rows.
+    self.assertRegex(table, r"\| last \| 6 \| [\d.]+ / [\d.]+ \| "
+                     r"[\d.]+ / [\d.]+ \([\d.]+x, [\d.]+x\) \|")
