@@ -188,6 +188,34 @@ class RematGradientTest(parameterized.TestCase, tf.test.TestCase):
       stepper.run_chunks(_gru(), _inputs(), 4, remat=0)
 
 
+  def test_nested_int_and_float_inputs_match_plain_engine(self):
+    # Token ids (no gradient) next to float features, both sliced per segment.
+    embedding = keras.layers.Embedding(10, 3, dtype="float64")
+    cell = _gru(features=3 + FEATURES)
+
+    def step(x_t, states):
+      ids, features = x_t
+      return cell(tf.concat([embedding(ids[:, 0]), features], -1), states)
+
+    ids = tf.constant(np.random.RandomState(1).randint(0, 10, [BATCH, TIME, 1]))
+    x = _inputs()
+    init = [tf.zeros([BATCH, UNITS], tf.float64)]
+    step((ids[:, 0], x[:, 0]), init)  # Builds the embedding.
+    weights = embedding.trainable_variables + cell.trainable_variables
+
+    def run(remat):
+      with tf.GradientTape() as tape:
+        tape.watch(x)
+        outputs = stepper.model_rnn(step, (ids, x), init, remat=remat)
+        loss = _loss(*outputs)
+      grads = tape.gradient(loss, [x] + weights)
+      return outputs, [tf.convert_to_tensor(g) for g in grads]
+
+    for mode in (testing.EAGER, testing.FUNCTION):
+      testing.assert_nests_close(testing.in_mode(lambda: run(4), mode)(),
+                                 run(None), rtol=1e-10)
+
+
 class RematMemoryTest(tf.test.TestCase):
   """The graph keeps no whole-sequence copy of the inputs."""
 
