@@ -132,13 +132,12 @@ def model_rnn(
       x_structure, [_step_spec(x, time_major) for x in flat_x])
   y_spec = _output_spec(step, x_spec, states, training)
 
-  # The remat engine reads the inputs in the caller's layout; the loop reads
-  # them time-major.
-  in_layout = remat is not None and not (reverse and
-                                         controls.lengths is not None)
+  reverse_rows = reverse and controls.lengths is not None
+  # The remat engine reads the inputs in the caller's layout; the loop (and
+  # reversing rows) reads them time-major.
+  in_layout = remat is not None and not reverse_rows
   if not time_major and not in_layout:
     flat_x = [_swap_batch_time(x) for x in flat_x]
-  reverse_rows = reverse and controls.lengths is not None
   if reverse_rows:  # Reverse each row's valid part, then run forward.
     flat_x = [_reverse_rows(x, controls.lengths) for x in flat_x]
     controls = controls._replace(resets=None if controls.resets is None else

@@ -148,23 +148,14 @@ class _Inputs:
     self._reverse = reverse
     self._time = time
     # Per-step specs, `[batch, ...]`.
-    self.step_specs = [
-        tf.TensorSpec(x.shape[:self._axis].concatenate(
-            x.shape[self._axis + 1:]), x.dtype) for x in flat_x]
+    self.step_specs = [engine._step_spec(x, time_major) for x in flat_x]
 
   def rows(self, x: tf.Tensor, start, n) -> tf.Tensor:
     """Steps `start .. start + n` (in running order) of `x`, `[n, batch, ...]`.
-
-    A `tf.slice` with a static size when `n` is static: XLA compiles it to
-    one dynamic slice.
     """
     if self._reverse:
       start = self._time.value - start - n
-    begin = [0] * x.shape.rank
-    begin[self._axis] = start
-    size = [-1] * x.shape.rank
-    size[self._axis] = n
-    rows = tf.slice(x, tf.stack(begin), tf.stack(size))
+    rows = _time_slice(x, start, n, self._axis)
     if self._axis:
       rows = engine._swap_batch_time(rows)
     return tf.reverse(rows, [0]) if self._reverse else rows
@@ -218,13 +209,8 @@ class _Segments:
       ...]` (`outputs` is the last output without `return_sequences`).
     """
     loop = self._loop
-    static = isinstance(k, int) and isinstance(n_steps, int)
-    if static:  # Static shapes (XLA needs them): full segments, then the rest.
-      n_full, remainder = divmod(n_steps, k)
-    else:  # The last segment may be shorter.
-      n_full, remainder = (n_steps + k - 1) // k, 0
-    plan = _Plan(n_steps, k, n_full, remainder)
-    if static and n_steps == 0:
+    plan = _Plan(n_steps, k)
+    if plan.static and n_steps == 0:
       sequences = [_fit_time(_no_rows(s, self._batch), s, time)
                    for s in self._row_specs]
       final_states, last = list(loop._flat_init), self._last
@@ -268,10 +254,8 @@ class _Segments:
       `(result, saved)`: `result` is `[sequences, final_states, last]`;
       `saved` holds each segment's starting carry and written variables.
     """
-    static_k = plan.k if isinstance(plan.k, int) else None
     carry = (list(init), list(self._last))
-    row_tas = [tf.TensorArray(s.dtype, size=plan.n_full, element_shape=(
-        tf.TensorShape([static_k]).concatenate(s.shape)))
+    row_tas = [plan.array(s.dtype, s.shape, plan.n_full)
                for s in self._row_specs]
     carry_tas = [_array(c, plan.n_full) for c in tf.nest.flatten(carry)]
     snapshot_tas = [_array(v, plan.n_full) for v in self._written]
@@ -292,7 +276,7 @@ class _Segments:
                    zip(carry_tas, tf.nest.flatten(carry))]
       rows, carry, snapshot = segment(j, n, carry)
       snapshot_tas = [ta.write(j, s) for ta, s in zip(snapshot_tas, snapshot)]
-      row_tas = [ta.write(j, _pad_rows(r, plan.k - n, static_k))
+      row_tas = [ta.write(j, _pad_rows(r, plan.k - n, plan.static_k))
                  for ta, r in zip(row_tas, rows)]
       return j + 1, row_tas, carry_tas, snapshot_tas, carry
 
@@ -324,10 +308,7 @@ class _Segments:
     d_last = _zeros_for_none(d_last, self._last)
     # What the forward pass left in the written variables; put back at the end.
     now = [tf.identity(v.read_value()) for v in self._written]
-    static_k = plan.k if isinstance(plan.k, int) else None
-    n_segments = plan.n_full + (1 if plan.remainder else 0)
-    dx_tas = [tf.TensorArray(v.dtype, size=n_segments, element_shape=(
-        tf.TensorShape([static_k]).concatenate(s.shape)))
+    dx_tas = [plan.array(v.dtype, s.shape, plan.n_segments)
               for v, s in zip(x, self._inputs.step_specs) if _is_float(v)]
     sums = ([tf.zeros_like(r) for r in reset_to] +
             [tf.zeros_like(v) for v in variables])
@@ -336,14 +317,14 @@ class _Segments:
       rows = lambda d, spec: (tf.zeros(tf.concat([[n, self._batch],
                                                   spec.shape[1:]], 0),
                                        spec.dtype)
-                              if d is None else self._rows_of(d, j, plan, n))
+                              if d is None else _time_slice(d, j * plan.k, n))
       d_rows = [rows(d, s) for d, s in zip(d_sequences, self._row_specs)]
       x_rows = [self._inputs.rows(v, j * plan.k, n) for v in x]
       d_carry, dx, d_sums, done = self._segment_grads(
           n, self._controls_at(plan, j, n), carry, x_rows, reset_to,
           snapshot, d_rows, d_carry, variables, after)
       sums = [a + b for a, b in zip(sums, d_sums)]
-      dx_tas = [ta.write(j, _pad_rows(d, plan.k - n, static_k))
+      dx_tas = [ta.write(j, _pad_rows(d, plan.k - n, plan.static_k))
                 for ta, d in zip(dx_tas, dx)]
       return d_carry, sums, dx_tas, done
 
@@ -385,8 +366,7 @@ class _Segments:
   def _input_grad(self, ta, x, plan, time):
     """One input's gradient, in its layout, from its per-segment array."""
     spec = tf.TensorSpec(ta.element_shape[1:], x.dtype)  # [batch, ...]
-    n_segments = plan.n_full + (1 if plan.remainder else 0)
-    rows = _fit_time(self._stack(ta, spec, n_segments), spec, time)
+    rows = _fit_time(self._stack(ta, spec, plan.n_segments), spec, time)
     return self._inputs.layout(rows)
 
   def _stack(self, ta, spec, size):
@@ -396,14 +376,8 @@ class _Segments:
       return stacked() if size else _no_rows(spec, self._batch)
     return tf.cond(size > 0, stacked, lambda: _no_rows(spec, self._batch))
 
-  def _rows_of(self, sequence, j, plan, n):
-    """Rows `j * k .. j * k + n` of a time-major `sequence`."""
-    begin = tf.stack([j * plan.k] + [0] * (sequence.shape.rank - 1))
-    size = tf.stack([n] + [-1] * (sequence.shape.rank - 1))
-    return tf.slice(sequence, begin, size)
-
   def _controls_at(self, plan, j, n):
-    return {name: self._rows_of(v, j, plan, n)
+    return {name: _time_slice(v, j * plan.k, n)
             for name, v in self._controls.items()}
 
   def _snapshot(self, anchors):
@@ -490,18 +464,48 @@ class _Segments:
 
 
 class _Plan:
-  """How `n_steps` steps split into segments of `k`."""
+  """How `n_steps` steps split into segments of `k`.
 
-  def __init__(self, n_steps, k, n_full, remainder):
-    self.n_steps, self.k, self.n_full, self.remainder = (n_steps, k, n_full,
-                                                         remainder)
+  With static sizes (XLA needs them) there are `n_full` segments of `k`
+  steps, run in a loop, then one of `remainder` steps after it; otherwise
+  `n_full` segments in the loop, the last of which may be shorter.
+  """
+
+  def __init__(self, n_steps, k):
+    self.n_steps, self.k = n_steps, k
+    self.static = isinstance(k, int) and isinstance(n_steps, int)
+    if self.static:
+      self.n_full, self.remainder = divmod(n_steps, k)
+    else:
+      self.n_full, self.remainder = (n_steps + k - 1) // k, 0
+    self.n_segments = self.n_full + (1 if self.remainder else 0)
+    self.static_k = k if isinstance(k, int) else None
 
   def size(self, j):
     """Steps in full-loop segment `j`: `k`, or fewer for the last one of a
     dynamic run."""
-    if isinstance(self.n_steps, int) and isinstance(self.k, int):
+    if self.static:
       return self.k
     return tf.minimum(self.k, self.n_steps - j * self.k)
+
+  def array(self, dtype: tf.DType, step_shape: tf.TensorShape,
+            size) -> tf.TensorArray:
+    """An array of `size` segments, each `[k, *step_shape]`."""
+    return tf.TensorArray(dtype, size=size, element_shape=tf.TensorShape(
+        [self.static_k]).concatenate(step_shape))
+
+
+def _time_slice(x: tf.Tensor, start, n, axis: int = 0) -> tf.Tensor:
+  """Steps `start .. start + n` of `x` along its time `axis`.
+
+  A `tf.slice` with a static size when `n` is static: XLA compiles it to one
+  dynamic slice.
+  """
+  begin = [0] * x.shape.rank
+  begin[axis] = start
+  size = [-1] * x.shape.rank
+  size[axis] = n
+  return tf.slice(x, tf.stack(begin), tf.stack(size))
 
 
 def _array(value: tf.Tensor, size) -> tf.TensorArray:
@@ -542,9 +546,7 @@ def _step_variables(loop: "engine._Loop", call,
     ValueError: If the step draws random numbers from a stateful op that
       keeps its state outside any variable.
   """
-  x_spec = tf.nest.pack_sequence_as(
-      loop._x_structure,
-      x_specs)
+  x_spec = tf.nest.pack_sequence_as(loop._x_structure, x_specs)
   state_spec = tf.nest.map_structure(
       lambda s: tf.TensorSpec(s.shape, s.dtype), loop._states)
   concrete = tf.function(
