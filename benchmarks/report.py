@@ -84,7 +84,9 @@ def markdown(results: dict) -> str:
       f"{results['options']['repeats']} interleaved rounds after warm-up; "
       "'vs floor' is the median (min-max) of paired per-round ratios to the "
       "hand-written `tf.while_loop` + `TensorArray` loop (lower is faster). "
-      "All loop variants step the same `keras.layers.LSTMCell`.", ""]
+      "All loop variants step the same `keras.layers.LSTMCell`; the "
+      "`matmul_skeleton` rows are a lower bound for any loop that runs the "
+      "cell step by step: its five matmuls per step alone, no gates.", ""]
   for name, entry in results["configs"].items():
     lines += _config_table(name, entry)
   if "sweep" in results:

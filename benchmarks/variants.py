@@ -89,6 +89,62 @@ def hand_written_loop(cell: keras.layers.Layer, x: tf.Tensor) -> tf.Tensor:
   return _time_major(outputs.stack())
 
 
+def matmul_skeleton(cell: keras.layers.LSTMCell, x: tf.Tensor,
+                    backward: bool = True) -> list[tf.Tensor]:
+  """A lower bound: the LSTM step's matmuls alone, step by step.
+
+  Per step, forward: `z = x_t @ kernel + h @ recurrent_kernel`,
+  `h = tanh(z[:, :units])` (keeps the chain sequential and bounded);
+  backward (a second loop, in reverse): `dz = z_t + tile(dh)` stands in for
+  the gate gradients, `dh = dz @ recurrent_kernel^T`, and the two weight
+  gradients `x_t^T dz`, `h_{t-1}^T dz` are accumulated. Those are the five
+  matmuls, with the shapes and the step-to-step dependencies, that any loop
+  running the cell one step at a time must do; the gates' elementwise work,
+  the loop's bookkeeping and the weight reads are left out.
+
+  Returns:
+    `[d_kernel, d_recurrent_kernel, dh_0]` (or `[h_T]` without `backward`).
+  """
+  kernel, recurrent = cell.kernel, cell.recurrent_kernel
+  units = recurrent.shape[0]
+  xs = _time_major(x)
+  time = xs.shape[0]
+  inputs = tf.TensorArray(x.dtype, size=time).unstack(xs)
+  zs = tf.TensorArray(x.dtype, size=time)
+  hs = tf.TensorArray(x.dtype, size=time)
+  h0 = tf.zeros([tf.shape(x)[0], units], x.dtype)
+
+  def forward(t, h, zs, hs):
+    z = tf.matmul(inputs.read(t), kernel) + tf.matmul(h, recurrent)
+    return t + 1, tf.tanh(z[:, :units]), zs.write(t, z), hs.write(t, h)
+
+  _, h, zs, hs = tf.while_loop(lambda t, *_: t < time, forward,
+                               (0, h0, zs, hs))
+  if not backward:
+    return [h]
+
+  def backward_step(t, dh, d_kernel, d_recurrent):
+    dz = zs.read(t) + tf.tile(dh, [1, 4])
+    return (t - 1, tf.matmul(dz, recurrent, transpose_b=True),
+            d_kernel + tf.matmul(inputs.read(t), dz, transpose_a=True),
+            d_recurrent + tf.matmul(hs.read(t), dz, transpose_a=True))
+
+  _, dh, d_kernel, d_recurrent = tf.while_loop(
+      lambda t, *_: t >= 0, backward_step,
+      (time - 1, tf.zeros_like(h), tf.zeros_like(kernel),
+       tf.zeros_like(recurrent)))
+  return [d_kernel, d_recurrent, dh]
+
+
+def _skeleton(cell: keras.layers.LSTMCell, *,
+              jit_compile: bool) -> tuple[Callable, Callable]:
+  return (tf.function(lambda x: matmul_skeleton(cell, x),
+                      jit_compile=jit_compile),
+          tf.function(lambda x: tf.reduce_sum(
+              matmul_skeleton(cell, x, backward=False)[0]),
+                      jit_compile=jit_compile))
+
+
 def _scan(cell: keras.layers.Layer, x: tf.Tensor) -> tf.Tensor:
   states = cell.get_initial_state(batch_size=tf.shape(x)[0])
   y0 = tf.zeros_like(states[0])
@@ -191,6 +247,13 @@ _BUILDERS = {
     "while_loop_xla": (
         "the hand-written loop in tf.function(jit_compile=True)",
         lambda c, cell, k: _graph(hand_written_loop, cell, jit_compile=True)),
+    "matmul_skeleton": (
+        "lower bound: the cell's five matmuls per step alone, no gates "
+        "(tf.function)",
+        lambda c, cell, k: _skeleton(cell, jit_compile=False)),
+    "matmul_skeleton_xla": (
+        "lower bound: the cell's five matmuls per step alone, no gates (XLA)",
+        lambda c, cell, k: _skeleton(cell, jit_compile=True)),
     "run_chunks_through": (
         "stepper.run_chunks(gradient='through') in tf.function",
         lambda c, cell, k: _graph(_run_chunks("through", k), cell)),

@@ -427,8 +427,8 @@ class _Loop:
 
   def _while(self, start, stop, k, carry, maximum_iterations):
     def body(t, carry):
-      for i in range(k):
-        carry = self._one_step(t + i, carry)
+      for i in range(k):  # (No `t + 0` op: graph mode pays per op.)
+        carry = self._one_step(t + i if i else t, carry)
       return t + k, carry
 
     return tf.while_loop(lambda t, _: t < stop, body, (start, carry),

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 from absl.testing import parameterized
+import numpy as np
 import tensorflow as tf
 
 from benchmarks import memory
@@ -104,9 +105,6 @@ class RunTest(tf.test.TestCase):
       report.update_readme(readme, "table")
 
 
-if __name__ == "__main__":
-  tf.test.main()
-
 
 class RematBenchmarkTest(tf.test.TestCase):
 
@@ -122,3 +120,42 @@ class RematBenchmarkTest(tf.test.TestCase):
     self.assertLen(table.strip().splitlines(), 4)  # Header, rule, 2 rows.
     self.assertRegex(table, r"\| last \| 6 \| [\d.]+ / [\d.]+ \| "
                      r"[\d.]+ / [\d.]+ \([\d.]+x, [\d.]+x\) \|")
+
+
+class MatmulSkeletonTest(tf.test.TestCase, parameterized.TestCase):
+
+  def _numpy_skeleton(self, cell, x):
+    kernel = cell.kernel.numpy().astype(np.float64)
+    recurrent = cell.recurrent_kernel.numpy().astype(np.float64)
+    units = recurrent.shape[0]
+    xs = np.transpose(x.numpy().astype(np.float64), [1, 0, 2])
+    h, zs, hs = np.zeros([xs.shape[1], units]), [], []
+    for x_t in xs:
+      z = x_t @ kernel + h @ recurrent
+      zs.append(z)
+      hs.append(h)
+      h = np.tanh(z[:, :units])
+    dh = np.zeros_like(h)
+    d_kernel, d_recurrent = np.zeros_like(kernel), np.zeros_like(recurrent)
+    for t in reversed(range(len(xs))):
+      dz = zs[t] + np.tile(dh, [1, 4])
+      dh = dz @ recurrent.T
+      d_kernel += xs[t].T @ dz
+      d_recurrent += hs[t].T @ dz
+    return [d_kernel, d_recurrent, dh], h
+
+  @parameterized.parameters(False, True)
+  def test_skeleton_does_the_matmuls_it_describes(self, jit_compile):
+    # The lower bound must do the work it claims, or it bounds nothing.
+    cell = variants.make_cell(_TINY)
+    x = variants.make_inputs(_TINY)
+    expected_train, expected_h = self._numpy_skeleton(cell, x)
+    name = "matmul_skeleton_xla" if jit_compile else "matmul_skeleton"
+    variant = variants.build(name, _TINY, cell, 2)
+    testing.assert_nests_close(variant.train(x), expected_train, rtol=1e-4,
+                               atol=1e-5)
+    self.assertAllClose(variant.infer(x), expected_h.sum(), rtol=1e-5)
+
+
+if __name__ == "__main__":
+  tf.test.main()
