@@ -9,6 +9,7 @@ from absl.testing import parameterized
 import numpy as np
 import tensorflow as tf
 
+from benchmarks import instances
 from benchmarks import memory
 from benchmarks import remat as remat_bench
 from benchmarks import report
@@ -120,6 +121,17 @@ class RematBenchmarkTest(tf.test.TestCase):
     self.assertLen(table.strip().splitlines(), 4)  # Header, rule, 2 rows.
     self.assertRegex(table, r"\| last \| 6 \| [\d.]+ / [\d.]+ \| "
                      r"[\d.]+ / [\d.]+ \([\d.]+x, [\d.]+x\) \|")
+
+
+class InstancesTest(tf.test.TestCase):
+
+  def test_every_copy_gets_a_ratio_to_the_first_floor_copy(self):
+    ratios = instances.run(_TINY, ["while_loop", "stepper"], copies=2,
+                           repeats=2)
+    self.assertEqual(list(ratios), ["while_loop#0", "stepper#0",
+                                    "while_loop#1", "stepper#1"])
+    self.assertEqual(ratios["while_loop#0"], 1.0)
+    self.assertTrue(all(r > 0 for r in ratios.values()))
 
 
 class MatmulSkeletonTest(tf.test.TestCase, parameterized.TestCase):
