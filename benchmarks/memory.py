@@ -15,7 +15,11 @@ twice the request, so one large buffer (XLA allocates a call's temporaries
 as one) can be counted up to 2x (seen as powers of two: 32.5, 64.5, 128.5
 MB); many small tensors (graph mode) are counted to within 256 bytes each.
 Graph-mode figures agree with the resident set's growth; XLA's keep their
-buffer between calls, so RSS cannot check them.
+buffer between calls, so RSS cannot check them. For XLA variants the child
+therefore also reports XLA's own plan (`xla_plan_mb`): from the buffer
+assignment XLA dumps (`--xla_dump_to`), the bytes of every allocation that is
+not an argument, a constant or thread-local (the temporaries plus the
+results), which is exact.
 
     python -m benchmarks.memory '{"variant": "stepper", "config": "medium",
         "time": 100, "mode": "train", "runs": 2, "chunk_size": 100}'
@@ -24,11 +28,14 @@ The child takes one JSON argument (not flags, so that `benchmarks.rnn`, which
 imports this module, keeps its own flags) and prints one JSON line.
 """
 
+import glob
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
+import tempfile
 
 from absl import app
 
@@ -39,7 +46,9 @@ METHOD = (
     "before them (tensors and XLA buffers one call needs); RSS: VmRSS before "
     "the first call and ru_maxrss (lifetime, incl. TF import and "
     "compilation). BFC hands out a free chunk whole when it is < 2x the "
-    "request: XLA's one large buffer may read up to 2x high (powers of two)")
+    "request: XLA's one large buffer may read up to 2x high (powers of two); "
+    "for XLA variants, 'plan' is the exact size XLA's buffer assignment "
+    "gives its temporaries and results (arguments excluded)")
 
 _MB = 1024.0 * 1024.0
 
@@ -50,6 +59,26 @@ def _rss_mb() -> float:
       if line.startswith("VmRSS:"):
         return int(line.split()[1]) / 1024.0
   raise RuntimeError("VmRSS not in /proc/self/status")
+
+
+_ALLOCATION = re.compile(r"^allocation \d+: size (\d+), (.*)$")
+_NOT_OWNED = ("parameter", "constant", "thread-local")
+
+
+def xla_plan_bytes(dump_dir: str) -> int | None:
+  """The largest module's planned bytes in XLA's buffer-assignment dumps
+  under `dump_dir`: allocations other than arguments, constants and
+  thread-local scalars; None if there is no dump."""
+  sizes = []
+  for path in glob.glob(os.path.join(dump_dir, "*buffer-assignment.txt")):
+    total = 0
+    with open(path) as f:
+      for line in f:
+        match = _ALLOCATION.match(line)
+        if match and not match.group(2).startswith(_NOT_OWNED):
+          total += int(match.group(1))
+    sizes.append(total)
+  return max(sizes) if sizes else None
 
 
 def _measure_here(variant_name: str, config, mode: str, runs: int,
@@ -68,8 +97,13 @@ def _measure_here(variant_name: str, config, mode: str, runs: int,
     variants.force(fn(x))
   peak = tf.config.experimental.get_memory_info("CPU:0")["peak"]
   lifetime_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-  return {"call_peak_mb": (peak - in_use) / _MB, "rss_before_mb": rss_base,
-          "rss_lifetime_peak_mb": lifetime_kb / 1024.0}
+  report = {"call_peak_mb": (peak - in_use) / _MB, "rss_before_mb": rss_base,
+            "rss_lifetime_peak_mb": lifetime_kb / 1024.0}
+  dump_dir = os.environ.get("STEPPER_XLA_DUMP_DIR")
+  plan = xla_plan_bytes(dump_dir) if dump_dir else None
+  if plan is not None:
+    report["xla_plan_mb"] = plan / _MB
+  return report
 
 
 def measure(variant: str, config_name: str, time: int, mode: str = "train",
@@ -78,20 +112,26 @@ def measure(variant: str, config_name: str, time: int, mode: str = "train",
   """Runs `python -m benchmarks.memory` for one variant; returns its report.
 
   Returns:
-    `{"call_peak_mb", "rss_before_mb", "rss_lifetime_peak_mb"}`, or
-    `{"error": message}` if the child failed.
+    `{"call_peak_mb", "rss_before_mb", "rss_lifetime_peak_mb"}`, plus
+    `"xla_plan_mb"` for an XLA variant, or `{"error": message}` if the child
+    failed.
   """
-  env = dict(os.environ, TF_CPU_ALLOCATOR_USE_BFC="true",
-             TF_CPP_MIN_LOG_LEVEL="2")
   spec = dict(variant=variant, config=config_name, time=time, mode=mode,
               runs=runs, chunk_size=chunk_size)
   command = [sys.executable, "-m", "benchmarks.memory", json.dumps(spec)]
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  try:
-    done = subprocess.run(command, env=env, cwd=root, capture_output=True,
-                          text=True, timeout=timeout_s, check=False)
-  except subprocess.TimeoutExpired:
-    return {"error": f"timed out after {timeout_s} s"}
+  with tempfile.TemporaryDirectory() as dump_dir:
+    env = dict(os.environ, TF_CPU_ALLOCATOR_USE_BFC="true",
+               TF_CPP_MIN_LOG_LEVEL="2")
+    if "_xla" in variant:
+      env["STEPPER_XLA_DUMP_DIR"] = dump_dir
+      env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
+                          f" --xla_dump_to={dump_dir}").strip()
+    try:
+      done = subprocess.run(command, env=env, cwd=root, capture_output=True,
+                            text=True, timeout=timeout_s, check=False)
+    except subprocess.TimeoutExpired:
+      return {"error": f"timed out after {timeout_s} s"}
   lines = done.stdout.strip().splitlines()
   if done.returncode != 0 or not lines:
     return {"error": f"exit {done.returncode}: {done.stderr.strip()[-500:]}"}

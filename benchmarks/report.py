@@ -22,7 +22,10 @@ def _mb(value: dict | None) -> str:
     return ""
   if "error" in value:
     return "error"
-  return f"{value['call_peak_mb']:.1f}"
+  text = f"{value['call_peak_mb']:.1f}"
+  if "xla_plan_mb" in value:
+    text += f", plan {value['xla_plan_mb']:.1f}"
+  return text
 
 
 def _config_table(name: str, entry: dict) -> list[str]:

@@ -76,6 +76,28 @@ class RunTest(tf.test.TestCase):
     self.assertGreater(result["call_peak_mb"], 0)
     self.assertGreater(result["rss_lifetime_peak_mb"], result["call_peak_mb"])
 
+  def test_memory_reports_xla_plan_for_xla_variants(self):
+    result = memory.measure("stepper_xla", "tiny", 6, runs=1)
+    self.assertNotIn("error", result)
+    self.assertGreater(result["xla_plan_mb"], 0)
+    # The allocator's count rounds XLA's one buffer up, never down.
+    self.assertLessEqual(result["xla_plan_mb"], result["call_peak_mb"])
+    self.assertIn(", plan ", report._mb(result))
+
+  def test_xla_plan_counts_temporaries_and_results_not_arguments(self):
+    dump = self.get_temp_dir()
+    with open(os.path.join(dump, "m.buffer-assignment.txt"), "w") as f:
+      f.write("allocation 0: size 1000, parameter 0, shape |f32[250]|:\n"
+              " value: ...\n"
+              "allocation 1: size 64, maybe-live-out:\n"
+              "allocation 2: size 4, constant:\n"
+              "allocation 3: size 4, thread-local:\n"
+              "allocation 4: size 300, preallocated-temp:\n")
+    with open(os.path.join(dump, "n.buffer-assignment.txt"), "w") as f:
+      f.write("allocation 0: size 10, preallocated-temp:\n")
+    self.assertEqual(memory.xla_plan_bytes(dump), 364)
+    self.assertIsNone(memory.xla_plan_bytes(os.path.join(dump, "none")))
+
   def test_app_writes_json_table_and_readme(self):
     tmp = self.get_temp_dir()
     readme = os.path.join(tmp, "README.md")
