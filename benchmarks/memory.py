@@ -81,6 +81,26 @@ def xla_plan_bytes(dump_dir: str) -> int | None:
   return max(sizes) if sizes else None
 
 
+def child_env(xla_dump_dir: str | None = None) -> dict[str, str]:
+  """The environment of a measuring child: TensorFlow's BFC allocator on the
+  CPU, quiet logs and, with `xla_dump_dir`, XLA's dumps there (read back by
+  `xla_plan_bytes` through `STEPPER_XLA_DUMP_DIR`)."""
+  env = dict(os.environ, TF_CPU_ALLOCATOR_USE_BFC="true",
+             TF_CPP_MIN_LOG_LEVEL="2")
+  if xla_dump_dir:
+    env["STEPPER_XLA_DUMP_DIR"] = xla_dump_dir
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
+                        f" --xla_dump_to={xla_dump_dir}").strip()
+  return env
+
+
+def child_xla_plan_mb() -> float | None:
+  """In a child started with `child_env(dump_dir)`: XLA's plan in MB."""
+  dump_dir = os.environ.get("STEPPER_XLA_DUMP_DIR")
+  plan = xla_plan_bytes(dump_dir) if dump_dir else None
+  return None if plan is None else plan / _MB
+
+
 def _measure_here(variant_name: str, config, mode: str, runs: int,
                   chunk_size: int) -> dict:
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -99,10 +119,9 @@ def _measure_here(variant_name: str, config, mode: str, runs: int,
   lifetime_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
   report = {"call_peak_mb": (peak - in_use) / _MB, "rss_before_mb": rss_base,
             "rss_lifetime_peak_mb": lifetime_kb / 1024.0}
-  dump_dir = os.environ.get("STEPPER_XLA_DUMP_DIR")
-  plan = xla_plan_bytes(dump_dir) if dump_dir else None
+  plan = child_xla_plan_mb()
   if plan is not None:
-    report["xla_plan_mb"] = plan / _MB
+    report["xla_plan_mb"] = plan
   return report
 
 
@@ -121,12 +140,7 @@ def measure(variant: str, config_name: str, time: int, mode: str = "train",
   command = [sys.executable, "-m", "benchmarks.memory", json.dumps(spec)]
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   with tempfile.TemporaryDirectory() as dump_dir:
-    env = dict(os.environ, TF_CPU_ALLOCATOR_USE_BFC="true",
-               TF_CPP_MIN_LOG_LEVEL="2")
-    if "_xla" in variant:
-      env["STEPPER_XLA_DUMP_DIR"] = dump_dir
-      env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
-                          f" --xla_dump_to={dump_dir}").strip()
+    env = child_env(dump_dir if "_xla" in variant else None)
     try:
       done = subprocess.run(command, env=env, cwd=root, capture_output=True,
                             text=True, timeout=timeout_s, check=False)

@@ -25,11 +25,14 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time as time_lib
 
 from absl import app
 from absl import flags
 from absl import logging
+
+from benchmarks import memory
 
 _TIMES = flags.DEFINE_list("times", ["500", "1000", "2000", "4000", "8000"],
                            "Sequence lengths T to sweep.")
@@ -80,18 +83,23 @@ def _measure(point: dict) -> dict:
     train_step(x)[0].numpy()
     seconds.append(time_lib.perf_counter() - start)
   peak = tf.config.experimental.get_memory_info("CPU:0")["peak"]
-  return dict(point, peak_mb=(peak - in_use) / _MB,
-              seconds=statistics.median(seconds),
-              maxrss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-              / 1024.0)
+  result = dict(point, peak_mb=(peak - in_use) / _MB,
+                seconds=statistics.median(seconds),
+                maxrss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                / 1024.0)
+  plan = memory.child_xla_plan_mb()
+  if plan is not None:
+    result["xla_plan_mb"] = plan
+  return result
 
 
 def _run_child(point: dict) -> dict:
-  env = dict(os.environ, TF_CPU_ALLOCATOR_USE_BFC="true",
-             TF_CPP_MIN_LOG_LEVEL="2")
-  result = subprocess.run(
-      [sys.executable, "-m", "benchmarks.remat", f"--child={json.dumps(point)}"],
-      env=env, capture_output=True, text=True, check=False)
+  with tempfile.TemporaryDirectory() as dump_dir:
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.remat",
+         f"--child={json.dumps(point)}"],
+        env=memory.child_env(dump_dir if point["xla"] else None),
+        capture_output=True, text=True, check=False)
   if result.returncode != 0:
     logging.warning("point %s failed: %s", point, result.stderr[-2000:])
     return dict(point, error=result.stderr[-500:])

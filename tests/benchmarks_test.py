@@ -144,6 +144,13 @@ class RematBenchmarkTest(tf.test.TestCase):
     self.assertRegex(table, r"\| last \| 6 \| [\d.]+ / [\d.]+ \| "
                      r"[\d.]+ / [\d.]+ \([\d.]+x, [\d.]+x\) \|")
 
+  def test_xla_points_report_xla_plan(self):
+    result = remat_bench._run_child(dict(loss="last", time=6, remat="2",
+                                         batch=2, units=3, features=4, runs=1,
+                                         xla=True))
+    self.assertNotIn("error", result)
+    self.assertGreater(result["xla_plan_mb"], 0)
+
 
 class InstancesTest(tf.test.TestCase):
 
