@@ -81,12 +81,23 @@ def _sweep_table(sweep: dict) -> list[str]:
 def markdown(results: dict) -> str:
   """The README table: every config, the sweep, entry overhead, method."""
   m = results["machine"]
+  processes = results["options"].get("processes", 1)
+  if processes > 1:
+    rounds = (f"{processes} fresh processes of "
+              f"{results['options']['repeats']} interleaved rounds after "
+              "warm-up each; 'vs floor' is the median of all paired "
+              "per-round ratios to the hand-written `tf.while_loop` + "
+              "`TensorArray` loop (lower is faster), in parentheses the "
+              "range of the per-process medians. ")
+  else:
+    rounds = (f"{results['options']['repeats']} interleaved rounds after "
+              "warm-up; 'vs floor' is the median (min-max) of paired "
+              "per-round ratios to the hand-written `tf.while_loop` + "
+              "`TensorArray` loop (lower is faster). ")
   lines = [
       f"Measured on {m['cpu']} ({m['cpu_count']} cores), GPU: {m['gpus']}; "
       f"TensorFlow {m['tensorflow']}, Keras {m['keras']}, {m['date']}. "
-      f"{results['options']['repeats']} interleaved rounds after warm-up; "
-      "'vs floor' is the median (min-max) of paired per-round ratios to the "
-      "hand-written `tf.while_loop` + `TensorArray` loop (lower is faster). "
+      + rounds +
       "All loop variants step the same `keras.layers.LSTMCell`; the "
       "`matmul_skeleton` rows are a lower bound for any loop that runs the "
       "cell step by step: its five matmuls per step alone, no gates.", ""]

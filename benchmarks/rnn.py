@@ -17,6 +17,9 @@ import dataclasses
 import json
 import os
 import platform
+import subprocess
+import sys
+import tempfile
 import time as time_lib
 
 from absl import app
@@ -75,6 +78,10 @@ _UPDATE_README = flags.DEFINE_bool(
     "of --readme.")
 _README = flags.DEFINE_string("readme", "README.md", "README to update.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of weights, inputs, order.")
+_PROCESSES = flags.DEFINE_integer(
+    "processes", 1, "Time the configs in this many fresh processes (seeds "
+    "seed, seed+1, ...) and pool them. A graph-mode loop runs at one of two "
+    "speeds per traced function (README, 'Speed'): one process is one draw.")
 
 
 @dataclasses.dataclass
@@ -95,6 +102,7 @@ class Options:
   memory: bool = False
   memory_variants: list[str] = dataclasses.field(default_factory=list)
   seed: int = 0
+  processes: int = 1
 
 
 _QUICK_PRESET = dict(configs=["tiny"], repeats=3, warmup=1, eager_repeats=1,
@@ -154,6 +162,49 @@ def time_config(config: variants_lib.Config, options: Options) -> dict:
       result["variants"][name][mode] = dict(
           r, **timing.summarize(r["times_s"], floor))
   return result
+
+
+def time_in_processes(options: Options) -> dict:
+  """`time_config` for every config, in `options.processes` fresh
+  processes, pooled (`timing.pool`).
+
+  Returns:
+    Config name -> `time_config`'s result, pooled.
+  """
+  per_process = []
+  with tempfile.TemporaryDirectory() as tmp:
+    for i in range(options.processes):
+      output = os.path.join(tmp, f"{i}.json")
+      logging.info("timing process %d of %d", i + 1, options.processes)
+      subprocess.run(
+          [sys.executable, "-m", "benchmarks.rnn",
+           f"--configs={','.join(options.configs)}",
+           f"--variants={','.join(options.variants)}",
+           f"--modes={','.join(options.modes)}",
+           f"--repeats={options.repeats}", f"--warmup={options.warmup}",
+           f"--eager_repeats={options.eager_repeats}",
+           f"--chunk_size={options.chunk_size}",
+           f"--seed={options.seed + i}", "--nosweep", "--nomemory",
+           "--processes=1", f"--output={output}"],
+          check=True, capture_output=True,
+          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+      with open(output) as f:
+        per_process.append(json.load(f)["configs"])
+  pooled = {}
+  for name, first in per_process[0].items():
+    pooled[name] = {"config": first["config"], "variants": {}}
+    for variant, entry in first["variants"].items():
+      merged = {k: v for k, v in entry.items() if k not in options.modes}
+      for mode in options.modes:
+        if mode not in entry:
+          continue
+        floors = [p[name]["variants"].get(variants_lib.FLOOR, {})
+                  .get(mode, {}).get("times_s") for p in per_process]
+        merged[mode] = timing.pool(
+            [p[name]["variants"][variant][mode] for p in per_process], floors)
+      pooled[name]["variants"][variant] = merged
+  return pooled
 
 
 def sweep(options: Options) -> dict:
@@ -227,9 +278,12 @@ def run(options: Options) -> dict:
   """Runs the whole benchmark; returns the JSON-able results."""
   results = {"machine": machine_info(), "options": dataclasses.asdict(options),
              "memory_method": memory.METHOD, "configs": {}}
+  if options.processes > 1:
+    results["configs"] = time_in_processes(options)
   for name in options.configs:
     config = variants_lib.CONFIGS[name]
-    results["configs"][name] = time_config(config, options)
+    if options.processes == 1:
+      results["configs"][name] = time_config(config, options)
     if options.memory:
       for variant in _available(options.memory_variants)[0]:
         logging.info("memory: %s %s", name, variant)
@@ -252,7 +306,7 @@ def options_from_flags() -> Options:
       sweep_times=[int(t) for t in _SWEEP_TIMES.value],
       sweep_variants=_SWEEP_VARIANTS.value, sweep_repeats=_SWEEP_REPEATS.value,
       memory=_MEMORY.value, memory_variants=_MEMORY_VARIANTS.value,
-      seed=_SEED.value)
+      seed=_SEED.value, processes=_PROCESSES.value)
   if _QUICK.value:
     for key, value in _QUICK_PRESET.items():
       if not flags.FLAGS[key].present:

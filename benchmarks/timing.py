@@ -71,3 +71,31 @@ def fit_exponent(lengths: list[int], seconds: list[float]) -> float:
   """`b` of the least-squares fit `seconds ~ a * length ** b`."""
   slope, _ = np.polyfit(np.log(lengths), np.log(seconds), 1)
   return float(slope)
+
+
+def pool(per_process: list[dict], floor_per_process: list[list[float] | None]
+         ) -> dict:
+  """One variant's timings from several processes, pooled.
+
+  Args:
+    per_process: Each process's `{"first_call_s", "times_s", ...}`.
+    floor_per_process: Each process's floor `times_s` (None: no floor).
+
+  Returns:
+    `summarize`'s fields over all rounds, except that `ratio_min` and
+    `ratio_max` span the per-process medians of the paired ratios (one
+    process is one draw of how TensorFlow schedules a traced function, see
+    README); plus `process_ratio_medians`.
+  """
+  times = [t for r in per_process for t in r["times_s"]]
+  summary = summarize(times, None)
+  summary.update(first_call_s=max(r["first_call_s"] for r in per_process),
+                 times_s=times, processes=len(per_process))
+  if all(f for f in floor_per_process):
+    ratios = [np.asarray(r["times_s"]) / np.asarray(f[:len(r["times_s"])])
+              for r, f in zip(per_process, floor_per_process)]
+    medians = [float(np.median(r)) for r in ratios]
+    summary.update(ratio_median=float(np.median(np.concatenate(ratios))),
+                   ratio_min=min(medians), ratio_max=max(medians),
+                   process_ratio_medians=medians)
+  return summary

@@ -14,6 +14,7 @@ from benchmarks import memory
 from benchmarks import remat as remat_bench
 from benchmarks import report
 from benchmarks import rnn
+from benchmarks import timing
 from benchmarks import variants
 from stepper import testing
 
@@ -69,6 +70,31 @@ class RunTest(tf.test.TestCase):
     table = report.markdown(results)
     self.assertIn("| stepper |", table)
     self.assertIn("time exponent", table)
+
+  def test_processes_are_pooled(self):
+    options = rnn.Options(configs=["tiny"], variants=["while_loop", "stepper"],
+                          modes=["train"], repeats=2, warmup=1, processes=2)
+    results = rnn.run(options)
+    entry = results["configs"]["tiny"]["variants"]
+    for name in ("while_loop", "stepper"):
+      train = entry[name]["train"]
+      self.assertEqual(train["processes"], 2)
+      self.assertLen(train["times_s"], 4)
+      self.assertLen(train["process_ratio_medians"], 2)
+      self.assertBetween(train["ratio_median"], train["ratio_min"] * 0.5,
+                         train["ratio_max"] * 2)
+    self.assertEqual(entry["while_loop"]["train"]["ratio_median"], 1.0)
+    self.assertIn("2 fresh processes", report.markdown(results))
+
+  def test_pool_spans_per_process_medians(self):
+    pooled = timing.pool(
+        [{"first_call_s": 1.0, "times_s": [2.0, 2.0, 2.0]},
+         {"first_call_s": 3.0, "times_s": [1.0, 1.0, 1.0]}],
+        [[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]])
+    self.assertEqual(pooled["process_ratio_medians"], [2.0, 1.0])
+    self.assertEqual((pooled["ratio_min"], pooled["ratio_max"]), (1.0, 2.0))
+    self.assertEqual(pooled["first_call_s"], 3.0)
+    self.assertEqual(pooled["min_s"], 1.0)
 
   def test_memory_measures_a_variant_in_a_subprocess(self):
     result = memory.measure("stepper", "tiny", 6, runs=1)
