@@ -498,12 +498,15 @@ class _Plan:
 def _time_slice(x: tf.Tensor, start, n, axis: int = 0) -> tf.Tensor:
   """Steps `start .. start + n` of `x` along its time `axis`.
 
-  A `tf.slice` with a static size when `n` is static: XLA compiles it to one
-  dynamic slice.
+  A `tf.slice` whose size is spelled out (static where the shape is): with
+  static sizes XLA compiles it to one dynamic slice. A size of `-1` would
+  depend on the run-time `start`, and XLA would first pad `x` by its own
+  size in every dimension (a copy 2 ** rank times `x`).
   """
   begin = [0] * x.shape.rank
   begin[axis] = start
-  size = [-1] * x.shape.rank
+  size = [d if d is not None else tf.shape(x)[i]
+          for i, d in enumerate(x.shape)]
   size[axis] = n
   return tf.slice(x, tf.stack(begin), tf.stack(size))
 

@@ -5,6 +5,8 @@ Keras RNN layer's with the same cell; the backward pass really re-runs every
 step once; dropout inside the step is replayed; bad `remat` values raise.
 """
 
+import re
+
 from absl.testing import parameterized
 import keras
 import numpy as np
@@ -236,6 +238,29 @@ class RematMemoryTest(tf.test.TestCase):
     # check can fail); remat slices each segment from the caller's tensor.
     self.assertIn("Transpose", consumers(None))
     self.assertNotIn("Transpose", consumers(3))
+
+  def test_xla_makes_no_buffer_larger_than_a_sequence(self):
+    # Slicing a segment with a size of -1 made XLA pad the whole input by its
+    # own size in every dimension first: 2 ** 3 times the input, per slice.
+    cell = _gru("float32")
+    x = _inputs(tf.float32)
+
+    @tf.function(jit_compile=True)
+    def run(x):
+      with tf.GradientTape() as tape:
+        tape.watch(x)
+        y, _ = stepper.model_rnn(cell, x, remat=3)
+        loss = tf.reduce_sum(y)
+      return tape.gradient(loss, [x] + cell.trainable_variables)
+
+    hlo = run.experimental_get_compiler_ir(x)(stage="optimized_hlo")
+    sequence = BATCH * TIME * max(FEATURES, UNITS)
+    largest = max(
+        (int(np.prod([int(d) for d in dims.split(",")]))
+         for dims in re.findall(r"= f32\[([\d,]+)\]", hlo)), default=0)
+    # The padded copy was 8x; the largest legitimate buffers are the
+    # sequences themselves (segment arrays round 11 steps up to 12).
+    self.assertLessEqual(largest, 1.5 * sequence)
 
 
 def _dropout_step(seed):
