@@ -95,8 +95,7 @@ def model_rnn(
       of `k` steps in the backward pass (one extra forward pass); `"sqrt"`
       picks `k = ceil(sqrt(steps))` at run time. Same gradients as `None`
       (keep every step's activations). Variables the step writes (dropout
-      seeds) are replayed. Saves memory in graph mode only: under XLA the
-      gradients are the same but XLA's buffer plan is no smaller (README).
+      seeds) are replayed.
     _reset_to: Private (for `stepper.chunking`): the states a reset sets,
       nested like the states, when they differ from `initial_states` (a
       chunk starts from the carried state but resets to the run's start).
