@@ -90,14 +90,29 @@ def weights_read_once(step: Any) -> contextlib.AbstractContextManager:
   Returns:
     A context manager to trace the loop in.
   """
-  if (not _enabled or tf.executing_eagerly()
+  return read_once(step.trainable_variables)[0]
+
+
+def read_once(variables: list) -> tuple[contextlib.AbstractContextManager,
+                                        dict[int, tf.Tensor]]:
+  """A scope in which the Keras `variables` are read once, and the reads.
+
+  Args:
+    variables: Keras variables (others are ignored).
+
+  Returns:
+    `(scope, reads)`: `reads` maps `id` of each underlying `tf.Variable`
+    (what a `tf.custom_gradient` sees) to the tensor the scope hands out for
+    it; empty, with a null scope, where `weights_read_once` would not hoist.
+  """
+  variables = [v for v in variables if isinstance(v, keras.Variable)]
+  if (not _enabled or not variables or tf.executing_eagerly()
       or in_stateless_scope()):
-    return contextlib.nullcontext()
-  variables = [v for v in step.trainable_variables
-               if isinstance(v, keras.Variable)]
-  if not variables:
-    return contextlib.nullcontext()
-  return _ReadOnceScope([(v, tf.identity(v.value)) for v in variables])
+    return contextlib.nullcontext(), {}
+  mapping = [(v, tf.identity(v.value)) for v in variables]
+  reads = {id(v._value): value  # pylint: disable=protected-access
+           for v, value in mapping}
+  return _ReadOnceScope(mapping), reads
 
 
 def in_xla() -> bool:

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from stepper import _fastpath
 from stepper import engine
 
 Nest = Any
@@ -446,11 +447,16 @@ class _Segments:
       reset_to = [tf.identity(r) for r in reset_to]
     n_states = len(self._loop._flat_init)
     float_x = [v for v in x if _is_float(v)]
-    sources = carry + float_x + reset_to + list(variables)
+    # The weights, read once for the segment (as the plain engine does for
+    # the run): XLA would otherwise stack a copy of each per step.
+    scope, reads = _fastpath.read_once(self._loop._step.trainable_variables)
+    sources = carry + float_x + reset_to + [reads.get(id(v), v)
+                                            for v in variables]
     with tf.GradientTape(watch_accessed_variables=False) as tape:
       tape.watch(sources)
-      rows, states, last = self._steps(n, controls, carry[:n_states],
-                                       carry[n_states:], x, reset_to)
+      with scope:
+        rows, states, last = self._steps(n, controls, carry[:n_states],
+                                         carry[n_states:], x, reset_to)
     # Read after the step's own writes: the next (earlier) segment rewinds
     # only then.
     done = [tf.identity(s) for s in states] + self._snapshot(states)

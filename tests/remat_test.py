@@ -13,6 +13,7 @@ import numpy as np
 import tensorflow as tf
 
 import stepper
+from stepper import _fastpath
 from stepper import testing
 
 BATCH, TIME, FEATURES, UNITS = 3, 11, 4, 5
@@ -261,6 +262,25 @@ class RematMemoryTest(tf.test.TestCase):
     # The padded copy was 8x; the largest legitimate buffers are the
     # sequences themselves (segment arrays round 11 steps up to 12).
     self.assertLessEqual(largest, 1.5 * sequence)
+
+  def test_xla_recomputation_reads_the_weights_once(self):
+    cell = _gru("float32")
+    x = _inputs(tf.float32)
+
+    def hlo():
+      @tf.function(jit_compile=True)
+      def run(x):
+        with tf.GradientTape() as tape:
+          y, _ = stepper.model_rnn(cell, x, remat=3)
+          loss = tf.reduce_sum(y)
+        return tape.gradient(loss, cell.trainable_variables)
+      return run.experimental_get_compiler_ir(x)(stage="optimized_hlo")
+
+    # The recurrent kernel [5, 15], stacked once per step of a segment.
+    stacked = f"f32[3,{UNITS},{3 * UNITS}]"
+    self.assertNotIn(stacked, hlo())
+    with _fastpath.disabled():  # So the check can fail.
+      self.assertIn(stacked, hlo())
 
 
 def _dropout_step(seed):
