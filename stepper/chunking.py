@@ -76,10 +76,7 @@ def run_chunks(
   into per-chunk lengths; `resets` set a row back to `initial_states` (not
   to the chunk's starting state).
 
-  Under XLA (`jit_compile=True`) `time` must be static and `sequence_length`
-  is not supported (each chunk's early stop has a data-dependent length):
-  pass `mask=tf.sequence_mask(lengths, time)` with
-  `zero_output_for_mask=True` instead, which gives the same values.
+  Under XLA (`jit_compile=True`) `time` must be static.
 
   Args:
     step: A Keras step model, a Keras RNN cell or a callable (see

@@ -118,9 +118,7 @@ class RunChunksThroughTest(tf.test.TestCase, parameterized.TestCase):
     self.assertAllEqual(actual[0][1, 5], actual[0][1, 0] if not zero_output
                         else tf.zeros([UNITS], tf.float64))
 
-  # Not XLA: per-chunk lengths are computed in the loop, and the engine's
-  # early stop at `max(sequence_length)` needs lengths known to XLA.
-  @parameterized.named_parameters(*_MODES[:2])
+  @parameterized.named_parameters(*_MODES)
   def test_through_with_sequence_length_matches_full_run(self, mode):
     _, cell = _gru()
     x, s0 = _data()
@@ -133,6 +131,17 @@ class RunChunksThroughTest(tf.test.TestCase, parameterized.TestCase):
                                          sequence_length=lengths),
         x, s0, variables), mode)()
     testing.assert_nests_close(actual, expected)
+
+  def test_truncate_with_sequence_length_under_xla(self):
+    _, cell = _gru()
+    x, s0 = _data()
+    lengths = tf.constant([0, 4, 7])
+    run = lambda: _with_grads(
+        lambda x, s0: stepper.run_chunks(cell, x, 3, [s0], gradient="truncate",
+                                         sequence_length=lengths),
+        x, s0, cell.trainable_variables)
+    testing.assert_nests_close(testing.in_mode(run, testing.XLA)(),
+                               testing.in_mode(run, testing.FUNCTION)())
 
   def test_time_major_matches_batch_major(self):
     _, cell = _gru()
