@@ -45,8 +45,8 @@ def run(config: variants_lib.Config, names: list[str], copies: int,
   fns = {f"{name}#{i}": variants_lib.build(name, config, cell, 50).train
          for i in range(copies) for name in names}
   raw = timing.interleaved(fns, x, repeats=repeats, warmup=2)
-  floor = np.asarray(raw[f"{names[0]}#0"]["times_s"])
-  return {key: float(np.median(np.asarray(r["times_s"]) / floor))
+  floor = raw[f"{names[0]}#0"]["times_s"]
+  return {key: float(np.median(timing.paired_ratios(r["times_s"], floor)))
           for key, r in raw.items()}
 
 

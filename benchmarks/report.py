@@ -82,18 +82,16 @@ def markdown(results: dict) -> str:
   """The README table: every config, the sweep, entry overhead, method."""
   m = results["machine"]
   processes = results["options"].get("processes", 1)
+  repeats = results["options"]["repeats"]
+  ratios = ("paired per-round ratios to the hand-written `tf.while_loop` + "
+            "`TensorArray` loop (lower is faster)")
   if processes > 1:
-    rounds = (f"{processes} fresh processes of "
-              f"{results['options']['repeats']} interleaved rounds after "
-              "warm-up each; 'vs floor' is the median of all paired "
-              "per-round ratios to the hand-written `tf.while_loop` + "
-              "`TensorArray` loop (lower is faster), in parentheses the "
-              "range of the per-process medians. ")
+    rounds = (f"{processes} fresh processes of {repeats} interleaved rounds "
+              f"after warm-up each; 'vs floor' is the median of all {ratios}"
+              ", in parentheses the range of the per-process medians. ")
   else:
-    rounds = (f"{results['options']['repeats']} interleaved rounds after "
-              "warm-up; 'vs floor' is the median (min-max) of paired "
-              "per-round ratios to the hand-written `tf.while_loop` + "
-              "`TensorArray` loop (lower is faster). ")
+    rounds = (f"{repeats} interleaved rounds after warm-up; 'vs floor' is "
+              f"the median (min-max) of {ratios}. ")
   lines = [
       f"Measured on {m['cpu']} ({m['cpu_count']} cores), GPU: {m['gpus']}; "
       f"TensorFlow {m['tensorflow']}, Keras {m['keras']}, {m['date']}. "

@@ -60,11 +60,16 @@ def summarize(times_s: list[float], floor_s: list[float] | None) -> dict:
   summary = {"median_s": float(np.median(times_s)),
              "min_s": float(np.min(times_s)), "n": len(times_s)}
   if floor_s:
-    ratios = np.asarray(times_s) / np.asarray(floor_s[:len(times_s)])
+    ratios = paired_ratios(times_s, floor_s)
     summary.update(ratio_median=float(np.median(ratios)),
                    ratio_min=float(np.min(ratios)),
                    ratio_max=float(np.max(ratios)))
   return summary
+
+
+def paired_ratios(times_s: list[float], floor_s: list[float]) -> np.ndarray:
+  """Round `r`'s time over the floor's time in the same round `r`."""
+  return np.asarray(times_s) / np.asarray(floor_s[:len(times_s)])
 
 
 def fit_exponent(lengths: list[int], seconds: list[float]) -> float:
@@ -92,7 +97,7 @@ def pool(per_process: list[dict], floor_per_process: list[list[float] | None]
   summary.update(first_call_s=max(r["first_call_s"] for r in per_process),
                  times_s=times, processes=len(per_process))
   if all(f for f in floor_per_process):
-    ratios = [np.asarray(r["times_s"]) / np.asarray(f[:len(r["times_s"])])
+    ratios = [paired_ratios(r["times_s"], f)
               for r, f in zip(per_process, floor_per_process)]
     medians = [float(np.median(r)) for r in ratios]
     summary.update(ratio_median=float(np.median(np.concatenate(ratios))),

@@ -72,11 +72,16 @@ def _time_major(x: tf.Tensor) -> tf.Tensor:
   return tf.transpose(x, [1, 0, 2])
 
 
-def hand_written_loop(cell: keras.layers.Layer, x: tf.Tensor) -> tf.Tensor:
-  """The floor: a minimal `tf.while_loop` + `TensorArray` around the cell."""
+def _input_array(x: tf.Tensor) -> tuple[tf.TensorArray, int | tf.Tensor]:
+  """`x` `[batch, time, ...]` as a `TensorArray` of steps, and `time`."""
   xs = _time_major(x)
   time = xs.shape[0] if xs.shape[0] is not None else tf.shape(xs)[0]
-  inputs = tf.TensorArray(x.dtype, size=time).unstack(xs)
+  return tf.TensorArray(x.dtype, size=time).unstack(xs), time
+
+
+def hand_written_loop(cell: keras.layers.Layer, x: tf.Tensor) -> tf.Tensor:
+  """The floor: a minimal `tf.while_loop` + `TensorArray` around the cell."""
+  inputs, time = _input_array(x)
   outputs = tf.TensorArray(x.dtype, size=time)
   states = cell.get_initial_state(batch_size=tf.shape(x)[0])
 
@@ -107,9 +112,7 @@ def matmul_skeleton(cell: keras.layers.LSTMCell, x: tf.Tensor,
   """
   kernel, recurrent = cell.kernel, cell.recurrent_kernel
   units = recurrent.shape[0]
-  xs = _time_major(x)
-  time = xs.shape[0]
-  inputs = tf.TensorArray(x.dtype, size=time).unstack(xs)
+  inputs, time = _input_array(x)
   zs = tf.TensorArray(x.dtype, size=time)
   hs = tf.TensorArray(x.dtype, size=time)
   h0 = tf.zeros([tf.shape(x)[0], units], x.dtype)

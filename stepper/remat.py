@@ -513,8 +513,7 @@ def _time_slice(x: tf.Tensor, start, n, axis: int = 0) -> tf.Tensor:
   """
   begin = [0] * x.shape.rank
   begin[axis] = start
-  size = [d if d is not None else tf.shape(x)[i]
-          for i, d in enumerate(x.shape)]
+  size = [engine._size(x, i) for i in range(x.shape.rank)]
   size[axis] = n
   return tf.slice(x, tf.stack(begin), tf.stack(size))
 
