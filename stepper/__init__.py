@@ -7,12 +7,13 @@ from stepper.layers import StepRNN
 from stepper.stacking import stack
 from stepper.states import TrainableState
 from stepper.steps import Step, as_step
-from stepper.train import Trainer
+from stepper.train import BatchLosses, Trainer
 from stepper import tbptt
 from stepper import testing
 from stepper import verify
 
 __all__ = [
+    "BatchLosses",
     "StatefulRunner",
     "Step",
     "StepRNN",

@@ -83,17 +83,6 @@ def gru_step_model(units: int, features: int) -> keras.Model:
   return keras.Model([x, h], [y, new_h[0]])
 
 
-class _BatchLosses(keras.callbacks.Callback):
-  """Collects the training loss of every batch (the learning curve)."""
-
-  def __init__(self):
-    super().__init__()
-    self.losses = []
-
-  def on_train_batch_end(self, batch, logs=None):
-    self.losses.append(logs["loss"])
-
-
 def _reset_peak_memory() -> None:
   if tf.config.list_logical_devices("GPU"):
     tf.config.experimental.reset_memory_stats("GPU:0")
@@ -128,7 +117,7 @@ def train_one(index: int, name: str, tbptt: tuple[int, int] | None,
       optimizer=keras.optimizers.Adam(_LEARNING_RATE.value),
       gradient_clip_norm=1.0,
       logdir=os.path.join(output_dir, "tensorboard", f"{index}_{_slug(name)}"))
-  curve = _BatchLosses()
+  curve = stepper.BatchLosses()
   print(f"\n{name}")
   _reset_peak_memory()
   start = time_lib.perf_counter()

@@ -691,6 +691,22 @@ def _check_clip_norm(clip: Any) -> float | None:
   return float(clip)
 
 
+class BatchLosses(keras.callbacks.Callback):
+  """Collects the training loss of every batch (the learning curve).
+
+  >>> curve = stepper.BatchLosses()
+  >>> trainer.fit(dataset, callbacks=[curve])
+  >>> curve.losses  # One float per batch, in order.
+  """
+
+  def __init__(self):
+    super().__init__()
+    self.losses: list[float] = []
+
+  def on_train_batch_end(self, batch, logs=None):
+    self.losses.append(logs["loss"])
+
+
 class _Callbacks:
   """Dispatches the Keras callback hooks a custom loop can honour."""
 

@@ -42,16 +42,6 @@ class _Recorder(keras.optimizers.Optimizer):
     return [r.numpy()[i] for r in self.records]
 
 
-class _BatchLosses(keras.callbacks.Callback):
-
-  def __init__(self):
-    super().__init__()
-    self.losses = []
-
-  def on_train_batch_end(self, batch, logs=None):
-    self.losses.append(logs["loss"])
-
-
 def _gru_step(units=UNITS, features=FEATURES, readout=None):
   """A GRU step model `[x_t, h] -> [y_t, h']`, optionally with a readout."""
   x = keras.Input((features,))
@@ -179,11 +169,11 @@ class TrainerTest(tf.test.TestCase, parameterized.TestCase):
           optimizer=keras.optimizers.Adam(1e-2), gradient_clip_norm=1.0,
           checkpoint_dir=checkpoint_dir)
 
-    uninterrupted, batches = trainer(), _BatchLosses()
+    uninterrupted, batches = trainer(), stepper.BatchLosses()
     uninterrupted.fit(dataset(), steps=8, callbacks=[batches], verbose=0)
     directory = tempfile.mkdtemp(dir=self.get_temp_dir())
     trainer(directory).fit(dataset(), steps=4, verbose=0)
-    resumed, resumed_batches = trainer(directory), _BatchLosses()
+    resumed, resumed_batches = trainer(directory), stepper.BatchLosses()
     resumed.fit(dataset(), steps=4, callbacks=[resumed_batches], verbose=0)
 
     self.assertEqual(resumed.global_step, uninterrupted.global_step)
@@ -272,7 +262,7 @@ class TrainerTest(tf.test.TestCase, parameterized.TestCase):
   def test_callbacks_see_every_batch_and_can_stop(self):
     x, y = _data(n=16)
 
-    class Stop(_BatchLosses):
+    class Stop(stepper.BatchLosses):
 
       def on_train_batch_end(self, batch, logs=None):
         super().on_train_batch_end(batch, logs)
