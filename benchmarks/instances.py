@@ -25,11 +25,12 @@ from benchmarks import variants as variants_lib
 _CONFIG = flags.DEFINE_string("config", "medium", "Config to time.")
 _VARIANTS = flags.DEFINE_list("copy_variants", ["while_loop", "stepper"],
                               "Variants to copy; the first one is the floor.")
-_COPIES = flags.DEFINE_integer("copies", 4, "Copies built of each variant.")
-_ROUNDS = flags.DEFINE_integer("rounds", 20, "Timed rounds.")
+_COPIES = flags.DEFINE_integer("copies", 4, "Copies built of each variant.",
+                               lower_bound=1)
+_ROUNDS = flags.DEFINE_integer("rounds", 20, "Timed rounds.", lower_bound=1)
 _INTER_OP_THREADS = flags.DEFINE_integer(
     "inter_op_threads", None, "TensorFlow's inter-op threads (default: "
-    "TensorFlow's choice).")
+    "TensorFlow's choice).", lower_bound=1)
 _JSON = flags.DEFINE_string("json", None, "Also write the ratios here.")
 
 

@@ -81,7 +81,8 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed of weights, inputs, order.")
 _PROCESSES = flags.DEFINE_integer(
     "processes", 1, "Time the configs in this many fresh processes (seeds "
     "seed, seed+1, ...) and pool them. A graph-mode loop runs at one of two "
-    "speeds per traced function (README, 'Speed'): one process is one draw.")
+    "speeds per traced function (README, 'Speed'): one process is one draw.",
+    lower_bound=1)
 
 
 @dataclasses.dataclass
@@ -275,7 +276,14 @@ def entry_overhead(repeats: int = 200) -> dict:
 
 
 def run(options: Options) -> dict:
-  """Runs the whole benchmark; returns the JSON-able results."""
+  """Runs the whole benchmark; returns the JSON-able results.
+
+  Raises:
+    ValueError: If `options.processes` is below 1.
+  """
+  if options.processes < 1:
+    raise ValueError("`processes` must be a positive int (fresh processes to "
+                     f"time in); got {options.processes!r}.")
   results = {"machine": machine_info(), "options": dataclasses.asdict(options),
              "memory_method": memory.METHOD, "configs": {}}
   if options.processes > 1:

@@ -86,6 +86,13 @@ class RunTest(tf.test.TestCase):
     self.assertEqual(entry["while_loop"]["train"]["ratio_median"], 1.0)
     self.assertIn("2 fresh processes", report.markdown(results))
 
+  def test_run_raises_on_no_processes(self):
+    options = rnn.Options(configs=["tiny"], variants=["while_loop"],
+                          modes=["train"], processes=0)
+    with self.assertRaisesRegex(ValueError, "`processes` must be a positive "
+                                "int .*; got 0"):
+      rnn.run(options)
+
   def test_pool_spans_per_process_medians(self):
     pooled = timing.pool(
         [{"first_call_s": 1.0, "times_s": [2.0, 2.0, 2.0]},
