@@ -8,6 +8,7 @@ from stepper.stacking import stack
 from stepper.states import TrainableState
 from stepper.steps import Step, as_step
 from stepper.train import BatchLosses, Trainer
+from stepper import data
 from stepper import tbptt
 from stepper import testing
 from stepper import verify
@@ -21,6 +22,7 @@ __all__ = [
     "Trainer",
     "as_step",
     "bidirectional",
+    "data",
     "model_rnn",
     "run_chunks",
     "stack",
