@@ -28,6 +28,7 @@ import numpy as np
 import tensorflow as tf
 
 from stepper import _checks
+from stepper._nonfinite import Finding, NonfiniteReport, find_nonfinite
 from stepper import engine
 from stepper import steps as steps_lib
 from stepper.bidirectional import bidirectional
