@@ -276,10 +276,12 @@ def _is_zero(value: int | tf.Tensor) -> bool:
   return isinstance(value, int) and value == 0
 
 
-def _carry_forward(y: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:
+def _carry_forward(y: tf.Tensor, mask: tf.Tensor,
+                   initial: tf.Tensor | None = None) -> tf.Tensor:
   """Keras carry-forward masking on time-major outputs that are zero where
-  masked: each masked step repeats the row's last valid output (zeros before
-  the first), across chunk boundaries.
+  masked: each masked step repeats the row's last valid output (`initial`
+  `[batch, ...]`, zeros by default, before the first), across chunk
+  boundaries.
 
   A gather of the valid outputs, so gradients reach exactly the step whose
   output is repeated, as in the engine's carried output.
@@ -292,7 +294,9 @@ def _carry_forward(y: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:
                           axis=1, batch_dims=1))
   seen = tf.reshape(last_valid >= 0, tf.concat(
       [tf.shape(last_valid), tf.ones([y.shape.rank - 2], tf.int32)], 0))
-  return tf.where(seen, picked, tf.zeros_like(picked))
+  before = tf.zeros_like(picked) if initial is None else tf.broadcast_to(
+      initial, tf.shape(picked))
+  return tf.where(seen, picked, before)
 
 
 def _finish(y: tf.Tensor, sequence_shape: tf.TensorShape,
@@ -345,6 +349,8 @@ class StatefulRunner(tf.Module):
     self._state_variables = [
         tf.Variable(s, trainable=False, name=f"state_{i}")
         for i, s in enumerate(tf.nest.flatten(self._initial))]
+    # Created at the first call, once the outputs' shapes are known.
+    self._last_output_variables = None
 
   @property
   def batch_size(self) -> int:
@@ -357,12 +363,22 @@ class StatefulRunner(tf.Module):
         self._initial, [v.value() for v in self._state_variables])
 
   def __call__(self, chunk: Nest, training: bool | tf.Tensor | None = None,
-               *, resets: tf.Tensor | None = None) -> Nest:
+               *, mask: tf.Tensor | None = None,
+               resets: tf.Tensor | None = None) -> Nest:
     """Runs the step over `chunk` from the carried states; updates them.
 
     Args:
       chunk: Tensor or nest, each leaf `[batch_size, time, ...]`.
       training: Passed to the step at every call.
+      mask: bool `[batch_size, time]`, Keras masking across calls, as in
+        one `model_rnn(mask=...)` run over the whole stream: where False the
+        step is skipped, the state carried unchanged and the output repeats
+        the row's last valid output, from this or an earlier call (zeros
+        before the first valid step). Keras' `stateful=True` layers restart
+        that repetition from zeros at every call; here it continues. The
+        last outputs are carried (in variables, so checkpointed) from the
+        first call given a `mask`: pass one from a stream's first call
+        (all True where nothing is masked).
       resets: bool `[batch_size, time]`: where True, the row's state is set
         back to the initial states right before that step.
 
@@ -375,12 +391,40 @@ class StatefulRunner(tf.Module):
     """
     self._check_batch(chunk)
     outputs, new_states = engine.model_rnn(
-        self._step, chunk, self.states, training=training, resets=resets,
-        _reset_to=self._initial)
+        self._step, chunk, self.states, training=training, mask=mask,
+        zero_output_for_mask=True, resets=resets, _reset_to=self._initial)
+    last = self._last_outputs(outputs, create=mask is not None)
+    if mask is not None:
+      swap = engine._swap_batch_time
+      time_major_mask = tf.transpose(tf.convert_to_tensor(mask))
+      outputs = tf.nest.map_structure(
+          lambda y, l: swap(_carry_forward(swap(y), time_major_mask,
+                                           l.value())), outputs, last)
     for variable, value in zip(self._state_variables,
                                tf.nest.flatten(new_states)):
       variable.assign(value)
+    if last is not None and tf.nest.flatten(outputs)[0].shape[1] != 0:
+      for variable, y in zip(tf.nest.flatten(last), tf.nest.flatten(outputs)):
+        variable.assign(y[:, -1])
     return outputs
+
+  def _last_outputs(self, outputs: Nest, create: bool) -> Nest | None:
+    """The variables holding each row's last valid output (for masking
+    across calls); with `create`, made (zeros) if they do not exist yet.
+
+    Created by the first masked call, not before: a runner never given a
+    mask holds (and checkpoints) exactly the step's states.
+    """
+    if self._last_output_variables is None and create:
+      with tf.init_scope():  # Outside any trace: created once.
+        self._last_output_variables = [
+            tf.Variable(tf.zeros([self._batch_size] + y.shape[2:].as_list(),
+                                 y.dtype), trainable=False,
+                        name=f"last_output_{i}")
+            for i, y in enumerate(tf.nest.flatten(outputs))]
+    if self._last_output_variables is None:
+      return None
+    return tf.nest.pack_sequence_as(outputs, self._last_output_variables)
 
   def reset_states(self, where: tf.Tensor | None = None) -> None:
     """Sets the states back to the initial states.
@@ -393,22 +437,22 @@ class StatefulRunner(tf.Module):
       TypeError: If `where` is not bool.
       ValueError: If `where` is not `[batch_size]`.
     """
-    if where is None:
-      for variable, value in zip(self._state_variables,
-                                 tf.nest.flatten(self._initial)):
-        variable.assign(value)
-      return
-    where = tf.convert_to_tensor(where)
-    if where.dtype != tf.bool:
-      raise TypeError(f"`where` must be a bool tensor [batch_size] = "
-                      f"[{self._batch_size}]; got dtype {where.dtype.name}.")
-    if not where.shape.is_compatible_with([self._batch_size]):
-      raise ValueError(f"`where` must have shape [batch_size] = "
-                       f"({self._batch_size},); got "
-                       f"{_checks.shape_str(where.shape)}.")
-    for variable, value in zip(self._state_variables,
-                               tf.nest.flatten(self._initial)):
-      variable.assign(engine._select(where, value, variable))
+    if where is not None:
+      where = tf.convert_to_tensor(where)
+      if where.dtype != tf.bool:
+        raise TypeError(f"`where` must be a bool tensor [batch_size] = "
+                        f"[{self._batch_size}]; got dtype {where.dtype.name}.")
+      if not where.shape.is_compatible_with([self._batch_size]):
+        raise ValueError(f"`where` must have shape [batch_size] = "
+                         f"({self._batch_size},); got "
+                         f"{_checks.shape_str(where.shape)}.")
+    pairs = list(zip(self._state_variables, tf.nest.flatten(self._initial)))
+    # A new stream has no valid output yet: masking repeats zeros.
+    pairs += [(v, tf.zeros_like(v)) for v in
+              self._last_output_variables or []]
+    for variable, value in pairs:
+      variable.assign(value if where is None else
+                      engine._select(where, value, variable))
 
   def _check_batch(self, chunk: Nest) -> None:
     flat = tf.nest.flatten(chunk)

@@ -348,6 +348,54 @@ class StatefulRunnerTest(tf.test.TestCase, parameterized.TestCase):
     testing.assert_nests_close((tf.concat(outputs, axis=1), runner.states),
                                expected)
 
+  @parameterized.named_parameters(*_MODES)
+  def test_mask_across_calls_matches_one_masked_run(self, mode):
+    _, cell = _gru()
+    x = _stream()
+    s0 = _data()[1]
+    mask = np.random.default_rng(6).random((BATCH, 9)) < 0.5
+    mask[0, :5] = False  # No valid step in the first two calls.
+    mask[1, 2:7] = False  # A whole masked call after valid steps.
+    mask = tf.constant(mask)
+    runner = stepper.StatefulRunner(cell, BATCH, initial_states=[s0])
+    call = testing.in_mode(
+        lambda chunk, m: runner(chunk, training=False, mask=m), mode)
+    outputs = [call(x[:, a:b], mask[:, a:b])
+               for a, b in ((0, 2), (2, 5), (5, 7), (7, 9))]
+    expected = stepper.model_rnn(cell, x, [s0], mask=mask)
+    testing.assert_nests_close((tf.concat(outputs, axis=1), runner.states),
+                               expected)
+
+  def test_mask_after_reset_repeats_zeros_like_a_new_stream(self):
+    _, cell = _gru()
+    x = _stream()
+    mask = tf.constant([[True] * 4 + [False, True] * 2 + [True]] * BATCH)
+    runner = stepper.StatefulRunner(cell, BATCH)
+    runner(x[:, :4], mask=mask[:, :4])
+    runner.reset_states(where=tf.constant([True, False, True]))
+    second = runner(x[:, 4:], mask=mask[:, 4:])
+    fresh = stepper.model_rnn(cell, x[:, 4:], mask=mask[:, 4:])[0]
+    whole = stepper.model_rnn(cell, x, mask=mask)[0]
+    testing.assert_nests_close(tf.gather(second, [0, 2]),
+                               tf.gather(fresh, [0, 2]))
+    testing.assert_nests_close(second[1], whole[1, 4:])
+
+  def test_masked_stream_resumes_bit_identical_from_checkpoint(self):
+    _, cell = _gru()
+    x = _stream()
+    mask = tf.constant([[True, True, True, False, False, False, True, False,
+                         True]] * BATCH)
+    runner = stepper.StatefulRunner(cell, BATCH)
+    runner(x[:, :4], mask=mask[:, :4])
+    path = tf.train.Checkpoint(runner=runner).save(
+        os.path.join(self.get_temp_dir(), "masked"))
+    uninterrupted = runner(x[:, 4:], mask=mask[:, 4:])
+    resumed_runner = stepper.StatefulRunner(cell, BATCH)
+    tf.train.Checkpoint(runner=resumed_runner).restore(path)
+    resumed = resumed_runner(x[:, 4:], mask=mask[:, 4:])
+    self.assertAllEqual(resumed, uninterrupted)
+    self.assertNotAllClose(resumed[:, :2], tf.zeros_like(resumed[:, :2]))
+
   def test_checkpoint_resume_is_bit_identical(self):
     _, cell = _gru()
     x = _stream()
