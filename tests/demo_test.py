@@ -9,23 +9,25 @@ import tempfile
 
 import tensorflow as tf
 
-_TINY_FLAGS = ["--steps=4", "--time=6", "--batch=4", "--units=4",
-               "--k_short=2", "--k1=2", "--k2=4", "--test_size=8"]
-_RUNS = ["full BPTT", "TBPTT(k1=k2=2)", "TBPTT(k1=2,k2=4)"]
+_TINY_FLAGS = ["--updates=6", "--time=6", "--lag=3", "--batch=4",
+               "--units=4", "--k_short=2", "--k1=2", "--k2=6",
+               "--test_size=8"]
+_RUNS = ["full BPTT", "TBPTT(k1=k2=2)", "TBPTT(k1=2,k2=6)"]
 
 
 def _table(stdout: str) -> dict[str, list[float]]:
-  """The final table's rows, `run -> [loss, accuracy, seconds, MiB]`."""
+  """The final table's rows, `run -> [updates, loss, accuracy, seconds,
+  MiB]`, and the line under it."""
   lines = stdout.splitlines()
   header = next(i for i, line in enumerate(lines) if line.startswith("run "))
   columns = [c.strip() for c in lines[header].split("|")]
-  assert columns == ["run", "test loss", "accuracy", "time s", "peak MiB"], (
-      columns)
+  assert columns == ["run", "updates", "test loss", "accuracy", "time s",
+                     "peak MiB"], columns
   rows = {}
   for line in lines[header + 1:header + 1 + len(_RUNS)]:
     cells = [c.strip() for c in line.split("|")]
     rows[cells[0]] = [float(c) for c in cells[1:]]
-  return rows
+  return rows, lines[header + 1 + len(_RUNS)]
 
 
 class DemoTest(tf.test.TestCase):
@@ -38,9 +40,14 @@ class DemoTest(tf.test.TestCase):
         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"), check=False)
     self.assertEqual(result.returncode, 0, result.stderr[-3000:])
 
-    table = _table(result.stdout)
+    table, lesson = _table(result.stdout)
     self.assertEqual(list(table), _RUNS)
-    for loss, accuracy, seconds, memory in table.values():
+    # The same budget of optimizer updates for every run.
+    self.assertEqual([row[0] for row in table.values()], [6, 6, 6])
+    self.assertRegex(lesson, r"^lesson: the target needs the input 3 steps "
+                     r"back; with the same 6 updates, learned it .*; did "
+                     r"not: .*\(reach 1\)")
+    for _, loss, accuracy, seconds, memory in table.values():
       self.assertGreater(loss, 0.0)
       self.assertBetween(accuracy, 0.0, 1.0)
       self.assertGreater(seconds, 0.0)
@@ -56,7 +63,8 @@ class DemoTest(tf.test.TestCase):
     with open(os.path.join(output_dir, "results.json")) as f:
       results = json.load(f)
     self.assertTrue(results["verify"]["ok"])
-    self.assertEqual([len(r["curve"]) for r in results["runs"]], [4, 4, 4])
+    self.assertEqual([r["curve_updates"] for r in results["runs"]],
+                     [[1, 2, 3, 4, 5, 6], [3, 6], [3, 6]])
 
 
 if __name__ == "__main__":
