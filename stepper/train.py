@@ -466,7 +466,11 @@ class Trainer:
     if self._clip is not None:
       factor = self._clip / tf.maximum(grad_norm, self._clip)
       grads = [None if g is None else g * factor for g in grads]
-    self._optimizer.apply(grads, self._trainable)
+    # Every op of the update, the optimizer's `iterations` increment among
+    # them, waits for the gradients: a call that finds the data exhausted
+    # fails before it can count an update it never applied.
+    with tf.control_dependencies([g for g in grads if g is not None]):
+      self._optimizer.apply(grads, self._trainable)
     return grad_norm
 
   def _loss_and_grads(self, inputs: Nest, targets: tf.Tensor):

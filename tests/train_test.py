@@ -379,6 +379,56 @@ _MIRRORED_SCRIPT = textwrap.dedent("""
 """)
 
 
+class TrainerIterationsTest(tf.test.TestCase, parameterized.TestCase):
+  """`optimizer.iterations` counts the updates applied, nothing more: the
+  call that finds an epoch's data exhausted must not count (it skewed Adam's
+  bias correction and every learning-rate schedule)."""
+
+  def _adam(self):
+    return keras.optimizers.Adam(keras.optimizers.schedules.ExponentialDecay(
+        0.05, decay_steps=1, decay_rate=0.7))
+
+  def test_adam_with_schedule_matches_hand_loop(self):
+    keras.utils.set_random_seed(3)
+    x, y = _data(n=3 * BATCH)
+    step, twin = keras.layers.GRUCell(1), keras.layers.GRUCell(1)
+    for cell in (step, twin):
+      cell.build((None, FEATURES))
+    twin.set_weights(step.get_weights())
+    optimizer, twin_optimizer = self._adam(), self._adam()
+    trainer = stepper.Trainer(step, loss=_mse, optimizer=optimizer)
+    trainer.fit(_dataset(x, y), epochs=2, verbose=0)
+
+    @tf.function
+    def update(xb, yb):
+      with tf.GradientTape() as tape:
+        outputs, _ = stepper.model_rnn(twin, xb)
+        loss = tf.reduce_mean(tf.square(outputs - yb))
+      twin_optimizer.apply(tape.gradient(loss, twin.trainable_variables),
+                           twin.trainable_variables)
+
+    for _ in range(2):
+      for xb, yb in _dataset(x, y):
+        update(xb, yb)
+    self.assertEqual(int(twin_optimizer.iterations), 6)
+    self.assertEqual(int(optimizer.iterations), 6)
+    self.assertEqual(trainer.global_step, 6)
+    testing.assert_nests_close(step.trainable_variables,
+                               twin.trainable_variables, rtol=1e-5, atol=1e-6)
+
+  @parameterized.named_parameters(
+      ("tbptt", dict(tbptt=(3, 3)), 2 * 3 * 3),
+      ("xla", dict(jit_compile=True), 2 * 3))
+  def test_iterations_equal_updates(self, kwargs, updates):
+    x, y = _data(n=3 * BATCH)  # TIME = 7: three windows of 3 steps.
+    optimizer = self._adam()
+    trainer = stepper.Trainer(keras.layers.GRUCell(1), loss=_mse,
+                              optimizer=optimizer, **kwargs)
+    trainer.fit(_dataset(x, y), epochs=2, verbose=0)
+    self.assertEqual(int(optimizer.iterations), updates)
+    self.assertEqual(trainer.global_step, updates)
+
+
 class TrainerDistributedTest(tf.test.TestCase, parameterized.TestCase):
 
   @parameterized.named_parameters(("full_bptt", None), ("tbptt", [2, 4]))
