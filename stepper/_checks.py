@@ -8,6 +8,7 @@ are known; `dynamic_assert_equal` covers dimensions only known at run time.
 from typing import Any, Sequence
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 
@@ -108,3 +109,36 @@ def check_spec_compatible(value: tf.Tensor, spec: tf.TensorSpec, name: str,
     raise TypeError(
         f"{name} has dtype {value.dtype.name} but {expected_name} expects "
         f"{spec.dtype.name}. {fix}")
+
+
+def check_batch_size(value: Any) -> int | tf.Tensor:
+  """A batch size: a non-negative int, or a scalar integer tensor (checked
+  for sign at run time, before any use, when its value is not known).
+
+  Raises:
+    TypeError: For a bool, a float, a string or a non-integer tensor.
+    ValueError: For a negative value or a tensor that is not a scalar.
+  """
+  if isinstance(value, (bool, np.bool_)) or not (
+      isinstance(value, (int, np.integer)) or tf.is_tensor(value)
+      or isinstance(value, np.ndarray)):
+    raise TypeError("`batch_size` must be an int or a scalar integer tensor; "
+                    f"got {value!r} of type {type(value).__name__}.")
+  if isinstance(value, (int, np.integer)):
+    if value < 0:
+      raise ValueError(f"`batch_size` must be >= 0; got {value!r}.")
+    return int(value)
+  value = tf.convert_to_tensor(value)
+  if not value.dtype.is_integer:
+    raise TypeError("`batch_size` must be an int or a scalar integer tensor; "
+                    f"got a tensor of dtype {value.dtype.name}.")
+  if value.shape.rank != 0:
+    raise ValueError("`batch_size` must be a scalar; got a tensor of shape "
+                     f"{shape_str(value.shape)}.")
+  static = tf.get_static_value(value)
+  if static is not None:
+    return check_batch_size(int(static))
+  check = tf.debugging.assert_non_negative(
+      value, message="`batch_size` must be >= 0.")
+  with tf.control_dependencies([check]):
+    return tf.identity(value)

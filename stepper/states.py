@@ -3,8 +3,10 @@
 from typing import Any
 
 import keras
+import numpy as np
 import tensorflow as tf
 
+from stepper import _checks
 from stepper import steps as steps_lib
 
 Nest = Any
@@ -53,24 +55,47 @@ class TrainableState(keras.layers.Layer):
           shape=spec.shape[1:], dtype=spec.dtype, initializer=initializer,
           name=f"initial_state_{i}"))
 
+  def __call__(self, inputs: Any, *args, **kwargs) -> Nest:
+    # Keras takes only tensors as the first positional argument; a batch
+    # size given as a Python int goes straight to `initial_state`.
+    if isinstance(inputs, (int, np.integer)):
+      return self.initial_state(inputs)
+    return super().__call__(inputs, *args, **kwargs)
+
   def call(self, inputs: Any) -> Nest:
     """Returns the states broadcast to the batch of `inputs`.
 
     Args:
-      inputs: An int batch size, or a tensor/nest whose leaves are
-        `[batch, ...]` (e.g. the sequence about to be run).
+      inputs: A batch size (an int or a scalar integer tensor), or a
+        tensor/nest whose leaves are `[batch, ...]` (e.g. the sequence about
+        to be run).
 
     Returns:
       A nest like the step's states, each leaf `[batch, ...]`.
     """
-    if isinstance(inputs, int):
-      batch = inputs
-    else:
-      batch = tf.shape(tf.nest.flatten(inputs)[0])[0]
+    flat = tf.nest.flatten(inputs)
+    if len(flat) == 1 and (not tf.is_tensor(flat[0]) or
+                           flat[0].shape.rank == 0):
+      return self.initial_state(flat[0])
+    return self._broadcast(tf.shape(flat[0])[0])
+
+  def initial_state(self, batch_size: int | tf.Tensor) -> Nest:
+    """The states for `batch_size` rows.
+
+    Args:
+      batch_size: A non-negative int or a scalar integer tensor.
+
+    Returns:
+      A nest like the step's states, each leaf `[batch_size, ...]`.
+
+    Raises:
+      TypeError: If `batch_size` is not an int or integer tensor.
+      ValueError: If it is negative or not a scalar
+        (`tf.errors.InvalidArgumentError` at run time for a negative tensor).
+    """
+    return self._broadcast(_checks.check_batch_size(batch_size))
+
+  def _broadcast(self, batch: int | tf.Tensor) -> Nest:
     flat = [tf.broadcast_to(v, tf.concat([[batch], tf.shape(v)], 0))
             for v in self._values]
     return tf.nest.pack_sequence_as(self._structure, flat)
-
-  def initial_state(self, batch_size: int | tf.Tensor) -> Nest:
-    """The states for `batch_size` rows."""
-    return self.call(batch_size)
