@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 import tensorflow as tf
 
+from stepper import _checks
 from stepper import engine
 
 Nest = Any
@@ -79,7 +80,10 @@ def bidirectional(
 
   Raises:
     ValueError: For an unknown `merge_mode`, `initial_states` that are not a
-      pair, or any error of `stepper.model_rnn`.
+      pair, outputs of different shapes for `'sum'`, `'mul'` or `'ave'`, or
+      any error of `stepper.model_rnn`.
+    TypeError: If the directions' outputs differ in dtype (`merge_mode` not
+      `None`).
   """
   if merge_mode not in _MERGES:
     raise ValueError(
@@ -106,5 +110,29 @@ def bidirectional(
   if merge is None:
     outputs = [forward, backward]
   else:
+    tf.nest.map_structure(lambda f, b: _check_mergeable(merge_mode, f, b),
+                          forward, backward)
     outputs = tf.nest.map_structure(merge, forward, backward)
   return outputs, (forward_states, backward_states)
+
+
+def _check_mergeable(merge_mode: str, forward: tf.Tensor,
+                     backward: tf.Tensor) -> None:
+  """The two directions' outputs must agree in dtype, and in shape (all
+  but the last axis for `'concat'`)."""
+  got = (f"forward outputs {_checks.shape_str(forward.shape)} "
+         f"{forward.dtype.name}, backward outputs "
+         f"{_checks.shape_str(backward.shape)} {backward.dtype.name}")
+  if forward.dtype != backward.dtype:
+    raise TypeError(f"`merge_mode`={merge_mode!r} needs both directions' "
+                    f"outputs in one dtype; got {got}. Build both steps in "
+                    "the same dtype.")
+  f_shape, b_shape = forward.shape, backward.shape
+  alike = "shaped alike"
+  if merge_mode == "concat":
+    f_shape, b_shape = f_shape[:-1], b_shape[:-1]
+    alike += " but for the last axis"
+  if not f_shape.is_compatible_with(b_shape):
+    raise ValueError(f"`merge_mode`={merge_mode!r} needs both directions' "
+                     f"outputs {alike}; got {got}. Use steps of the same "
+                     "width, `merge_mode='concat'` or `None`.")

@@ -8,6 +8,7 @@ stacked state is the tuple of the layers' states, by position.
 
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import tensorflow as tf
 
 from stepper import _checks
@@ -57,7 +58,7 @@ def stack(steps: Sequence[Any], *, residual: bool | Sequence[bool] = False,
 
   Raises:
     TypeError: If `steps` is not a list/tuple or a step cannot be adapted,
-      or `residual`/`dropout` has the wrong type.
+      or `residual`/`dropout`/`seed` has the wrong type.
     ValueError: If `steps` is empty, `dropout` lies outside `[0, 1)`, or
       `residual` has the wrong length. At trace time: if a residual layer's
       input and output disagree, or the states are not one entry per layer.
@@ -65,6 +66,7 @@ def stack(steps: Sequence[Any], *, residual: bool | Sequence[bool] = False,
   layers = _check_steps(steps)
   residual = _check_residual(residual, len(layers))
   rate = _check_rate(dropout)
+  _check_seed(seed)
   body = _Body(layers, residual, bool(return_all_outputs), rate)
   generator = None
   if rate > 0:  # Created eagerly: a Generator owns a variable.
@@ -234,3 +236,10 @@ def _check_rate(dropout: Any) -> float:
   if not 0 <= dropout < 1:
     raise ValueError(f"`dropout` must lie in [0, 1); got {dropout!r}.")
   return float(dropout)
+
+
+def _check_seed(seed: Any) -> None:
+  if seed is not None and (isinstance(seed, bool) or
+                           not isinstance(seed, (int, np.integer))):
+    raise TypeError(f"`seed` must be None or an int; got {seed!r} of type "
+                    f"{type(seed).__name__}.")
