@@ -142,3 +142,23 @@ def check_batch_size(value: Any) -> int | tf.Tensor:
       value, message="`batch_size` must be >= 0.")
   with tf.control_dependencies([check]):
     return tf.identity(value)
+
+
+def check_loss(loss: Any) -> Any:
+  """A loss: a Keras loss object or name (`"mse"`), or a callable
+  `(y_true, y_pred) -> loss`. Returns it, a name resolved by Keras.
+
+  Raises:
+    ValueError: For a string that is not a Keras loss name.
+    TypeError: For anything else that is not callable (e.g. `None`).
+  """
+  if isinstance(loss, str):
+    try:
+      return keras.losses.get(loss)
+    except ValueError as e:
+      raise ValueError(f"`loss` {loss!r} is not a Keras loss name: {e}") from e
+  if not callable(loss):
+    raise TypeError("`loss` must be a Keras loss (object or name) or a "
+                    "callable (y_true, y_pred) -> per-example loss; got "
+                    f"{loss!r} of type {type(loss).__name__}.")
+  return loss

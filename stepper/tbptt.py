@@ -86,7 +86,7 @@ class Updater:
       step: A Keras step model, a Keras RNN cell or a callable (see
         `stepper.steps`).
       loss: `loss(targets_t, y_t)`: a Keras loss (e.g.
-        `keras.losses.MeanSquaredError()`) or any callable returning
+        `keras.losses.MeanSquaredError()` or `"mse"`) or any callable returning
         per-example losses. It is called once per update on the update's
         loss steps merged into the batch (`[steps * batch, ...]`); the mean
         of its result is `loss_j`.
@@ -97,7 +97,9 @@ class Updater:
       training: Passed to the step at every call.
 
     Raises:
-      ValueError: If `k1`/`k2` are not positive ints or `k2 < k1`.
+      ValueError: If `k1`/`k2` are not positive ints, `k2 < k1`, or `loss` is
+        an unknown loss name.
+      TypeError: If `loss` is not callable.
     """
     self._step = steps_lib.as_step(step)
     self._k1 = _checks.check_positive_int(k1, "k1")
@@ -107,7 +109,7 @@ class Updater:
           f"`k2` (steps backpropagated, {k2}) must be >= `k1` (steps between "
           f"updates, {k1}): every loss step of an update is backpropagated. "
           "Use k2 == k1 for plain truncation.")
-    self._loss = loss
+    self._loss = _checks.check_loss(loss)
     self._given_variables = variables
     self._training = training
     self._update_fn = tf.function(self._update, autograph=False,
@@ -153,8 +155,9 @@ class Updater:
       variable does not affect the loss).
 
     Raises:
-      ValueError: If `time` is unknown, the targets' time differs from the
-        inputs', there are no variables, or as in `model_rnn`.
+      ValueError: If `time` is unknown, the targets are not nested and
+        shaped like the outputs (`[batch, time, ...]`; integer labels may
+        drop the last axis), there are no variables, or as in `model_rnn`.
     """
     sequence = self._prepare(inputs, targets, initial_states)
     losses, grads, self.final_states = self._all_fn(
@@ -173,15 +176,23 @@ class Updater:
       states: The states entering update `j`'s window, i.e. after step
         `max(0, (j + 1) * k1 - k2) - 1` (the initial states for the first
         windows); a constant: no gradient reaches them.
-      j: The update's index, a scalar int.
+      j: The update's index, a scalar int in `[0, ceil(time / k1))`.
 
     Returns:
       `(loss_j, grads_j, next_states)`: `next_states` enter update `j + 1`'s
       window (pass them to the next call).
+
+    Raises:
+      ValueError: If `j` lies outside `[0, ceil(time / k1))` or the targets
+        are not shaped like the outputs (`tf.errors.InvalidArgumentError`
+        when only known at run time), or as in `model_rnn`.
     """
-    loss_j, grads, next_states, _ = self._update(
-        tf.nest.map_structure(engine._swap_batch_time, inputs),
-        tf.nest.map_structure(engine._swap_batch_time, targets), states, j)
+    flat_x, batch, time = engine._time_major_inputs(
+        self._step, inputs, time_major=False)
+    x = tf.nest.pack_sequence_as(inputs, flat_x)
+    targets = self._check_targets(targets, x, states, batch, time)
+    j = self._check_update_index(j, time)
+    loss_j, grads, next_states, _ = self._update(x, targets, states, j)
     return loss_j, grads, next_states
 
   def iterate(self, inputs: Nest, targets: Nest,
@@ -224,19 +235,56 @@ class Updater:
     states = engine._initial_states(
         self._step, initial_states, batch)
     x = tf.nest.pack_sequence_as(inputs, flat_x)
-    targets = tf.nest.map_structure(tf.convert_to_tensor, targets)
-    for name, t in zip(_checks.leaf_paths(targets, "targets"),
-                       tf.nest.flatten(targets)):
-      _checks.check_rank_at_least(t, 2, name, "[batch, time, ...]")
-      if t.shape[1] is not None and t.shape[1] != time.static:
-        raise ValueError(f"{name} has {t.shape[1]} time steps (shape "
-                         f"{_checks.shape_str(t.shape)}) but `inputs` has "
-                         f"{time.static}; targets are [batch, time, ...] like "
-                         "the outputs.")
+    targets = self._check_targets(targets, x, states, batch, time)
     self._build(x, states)
-    return _Sequence(x, tf.nest.map_structure(engine._swap_batch_time,
-                                              targets),
-                     states, -(-time.static // self._k1))
+    return _Sequence(x, targets, states, -(-time.static // self._k1))
+
+  def _check_targets(self, targets: Nest, x: Nest, states: Nest,
+                     batch: "engine._Dim", time: "engine._Dim") -> Nest:
+    """Targets nested like the outputs, each `[batch, time] + y_t`'s shape
+    (integer labels may drop y_t's last axis, or make it 1); returns them
+    time-major, gated by the run-time checks of what is unknown statically.
+
+    A loss broadcasts silently: `[batch, time, 1]` targets against
+    `[batch, time, units]` outputs, or a batch of 1, give a wrong loss
+    rather than an error.
+    """
+    if targets is None:
+      raise ValueError("`targets` is None; expected a tensor or nest like "
+                       "the step's outputs, each leaf [batch, time, ...].")
+    targets = tf.nest.map_structure(tf.convert_to_tensor, targets)
+    x_spec = tf.nest.map_structure(
+        lambda t: tf.TensorSpec(t.shape[1:], t.dtype), x)
+    y_spec = engine._output_spec(self._step, x_spec, states, self._training)
+    try:
+      tf.nest.assert_same_structure(targets, y_spec, check_types=False)
+    except (ValueError, TypeError):
+      raise ValueError(
+          f"`targets` is nested as {_checks.nesting(targets)} but the step's "
+          f"outputs are nested as {_checks.nesting(y_spec)}.") from None
+    checked = []
+    for name, t, y in zip(_checks.leaf_paths(targets, "targets"),
+                          tf.nest.flatten(targets), tf.nest.flatten(y_spec)):
+      checked.append(_check_target(name, t, y.shape[1:], batch, time))
+    return tf.nest.pack_sequence_as(targets, checked)
+
+  def _check_update_index(self, j: int | tf.Tensor,
+                          time: "engine._Dim") -> int | tf.Tensor:
+    """`j` in `[0, n_updates)`; a run-time check gates it if unknown."""
+    n_updates = (time.value + self._k1 - 1) // self._k1
+    message = (f"`j` must lie in [0, n_updates) where n_updates = "
+               f"ceil(time / k1) (k1 = {self._k1})")
+    static_j = j if isinstance(j, int) else tf.get_static_value(j)
+    if static_j is not None and isinstance(n_updates, int):
+      if not 0 <= static_j < n_updates:
+        raise ValueError(f"{message} = {n_updates}; got {int(static_j)}.")
+      return j
+    j = tf.convert_to_tensor(j)
+    checks = [tf.debugging.assert_non_negative(j, message=message + "."),
+              tf.debugging.assert_less(j, tf.cast(n_updates, j.dtype),
+                                       message=message + ".")]
+    with tf.control_dependencies(checks):
+      return tf.identity(j)
 
   def _build(self, x: Nest, states: Nest) -> None:
     """Traces the step once so that a Keras cell has its variables."""
@@ -410,3 +458,40 @@ def _merge_time_into_batch(x: tf.Tensor) -> tf.Tensor:
   merged = tf.reshape(x, tf.concat([[-1], tf.shape(x)[2:]], 0))
   merged.set_shape(tf.TensorShape([None]).concatenate(x.shape[2:]))
   return merged
+
+
+def _check_target(name: str, target: tf.Tensor, y_shape: tf.TensorShape,
+                  batch: "engine._Dim", time: "engine._Dim") -> tf.Tensor:
+  """One target leaf against its output's per-step shape `y_shape`
+  (`[...]` without batch); returns it time-major."""
+  _checks.check_rank_at_least(target, 2, name, "[batch, time, ...]")
+  for axis, dim, what in ((1, time, "time steps"), (0, batch, "rows")):
+    if None not in (target.shape[axis], dim.static) and (
+        target.shape[axis] != dim.static):
+      raise ValueError(f"{name} has {target.shape[axis]} {what} (shape "
+                       f"{_checks.shape_str(target.shape)}) but `inputs` has "
+                       f"{dim.static}; targets are [batch, time, ...] like "
+                       "the outputs.")
+  layouts = [y_shape]
+  if target.dtype.is_integer and y_shape.rank:  # Sparse labels.
+    layouts += [y_shape[:-1], y_shape[:-1].concatenate([1])]
+  expected = tf.TensorShape([batch.static, time.static]).concatenate(y_shape)
+  if not any(target.shape.is_compatible_with(
+      tf.TensorShape([batch.static, time.static]).concatenate(layout))
+             for layout in layouts):
+    raise ValueError(
+        f"{name} has shape {_checks.shape_str(target.shape)} but the step's "
+        f"outputs are [batch, time, ...] = {_checks.shape_str(expected)}; "
+        "targets must be shaped like the outputs (integer labels may drop "
+        "the last axis). A loss would broadcast the difference silently.")
+  checks = []
+  for axis, dim, what in ((0, batch, "batch size"),
+                          (1, time, "number of time steps")):
+    if target.shape[axis] is None or dim.static is None:
+      checks += _checks.dynamic_assert_equal(
+          tf.shape(target)[axis], dim.value,
+          f"{name} and `inputs` have a different {what}.")
+  if checks:
+    with tf.control_dependencies(checks):
+      target = tf.identity(target)
+  return engine._swap_batch_time(target)

@@ -256,5 +256,44 @@ class TbpttErrorsTest(tf.test.TestCase, parameterized.TestCase):
           cell, x, y, _mse, k1=2, k2=2, initial_states=bad), mode)()
 
 
+class TbpttTargetsTest(tf.test.TestCase):
+  """Loss names and sparse labels are accepted; the checks that reject
+  broadcasting targets (tests/bad_input_test.py) reject nothing valid."""
+
+  def test_loss_name_matches_the_per_example_mse(self):
+    cell, x, y, s0 = _problem()
+    by_name = stepper.tbptt.updates(cell, x, y, "mse", k1=3, k2=4,
+                                    initial_states=[s0])
+    # (Not a MeanSquaredError object: it computes in float32.)
+    by_hand = stepper.tbptt.updates(cell, x, y, _mse, k1=3, k2=4,
+                                    initial_states=[s0])
+    testing.assert_nests_close(by_name, by_hand, rtol=1e-12)
+
+  def test_sparse_integer_labels_match_one_hot_labels(self):
+    cell, x, _, s0 = _problem()
+    labels = tf.constant(np.random.default_rng(1).integers(
+        0, UNITS, size=(BATCH, TIME)))
+    sparse = stepper.tbptt.updates(
+        cell, x, labels,
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        k1=3, k2=4, initial_states=[s0])
+    dense = stepper.tbptt.updates(
+        cell, x, tf.one_hot(labels, UNITS, dtype=tf.float64),
+        keras.losses.CategoricalCrossentropy(from_logits=True),
+        k1=3, k2=4, initial_states=[s0])
+    testing.assert_nests_close(sparse, dense, rtol=1e-10)
+
+  def test_update_index_in_range_matches_updates(self):
+    cell, x, y, s0 = _problem()
+    updater = stepper.tbptt.Updater(cell, _mse, k1=3, k2=3)
+    expected = updater.updates(x, y, [s0])
+    last = (TIME + 2) // 3 - 1
+    states = [s0]
+    for j in range(last + 1):
+      loss_j, grads_j, states = updater.update(x, y, states, j)
+    testing.assert_nests_close((loss_j, grads_j), expected[last],
+                               rtol=1e-10)
+
+
 if __name__ == "__main__":
   tf.test.main()
