@@ -162,3 +162,16 @@ def check_loss(loss: Any) -> Any:
                     "callable (y_true, y_pred) -> per-example loss; got "
                     f"{loss!r} of type {type(loss).__name__}.")
   return loss
+
+
+def gated(value: Any, checks: list) -> Any:
+  """`value` (a nest of tensors) made to wait for run-time `checks`.
+
+  An assertion that nothing reads may run after (or while) the ops it
+  protects; feeding every use through an identity that depends on it makes
+  it fire first.
+  """
+  if not checks:
+    return value
+  with tf.control_dependencies(checks):
+    return tf.nest.map_structure(tf.identity, value)

@@ -113,6 +113,8 @@ def run_chunks(
   """
   step = steps_lib.as_step(step)
   _checks.check_positive_int(chunk_size, "chunk_size")
+  # Here, not only in `model_rnn`: no chunk runs on an empty sequence.
+  _checks.check_positive_int(unroll, "unroll")
   remat_lib.check_remat(remat)
   if gradient not in _GRADIENTS:
     raise ValueError(f"`gradient` must be one of {_GRADIENTS}; got "
@@ -288,7 +290,9 @@ def _carry_forward(y: tf.Tensor, mask: tf.Tensor,
   """
   time = tf.shape(mask)[0]
   steps = tf.where(mask, tf.range(time)[:, None], -1)  # [time, batch]
-  last_valid = tf.scan(tf.maximum, steps)
+  # An initializer: without one, `scan` reads step 0 of an empty sequence.
+  last_valid = tf.scan(tf.maximum, steps,
+                       initializer=tf.fill(tf.shape(mask)[1:], -1))
   swap = engine._swap_batch_time
   picked = swap(tf.gather(swap(y), tf.transpose(tf.maximum(last_valid, 0)),
                           axis=1, batch_dims=1))
@@ -389,7 +393,7 @@ class StatefulRunner(tf.Module):
       ValueError: If the chunk's batch size is not `batch_size`, or as in
         `model_rnn`.
     """
-    self._check_batch(chunk)
+    chunk = self._check_batch(chunk)
     outputs, new_states = engine.model_rnn(
         self._step, chunk, self.states, training=training, mask=mask,
         zero_output_for_mask=True, resets=resets, _reset_to=self._initial)
@@ -446,6 +450,11 @@ class StatefulRunner(tf.Module):
         raise ValueError(f"`where` must have shape [batch_size] = "
                          f"({self._batch_size},); got "
                          f"{_checks.shape_str(where.shape)}.")
+      if not where.shape.is_fully_defined():
+        where = _checks.gated(where, [tf.debugging.assert_equal(
+            tf.shape(where), [self._batch_size],
+            message=f"`where` must have shape [batch_size] = "
+            f"({self._batch_size},); its shape is:")])
     pairs = list(zip(self._state_variables, tf.nest.flatten(self._initial)))
     # A new stream has no valid output yet: masking repeats zeros.
     pairs += [(v, tf.zeros_like(v)) for v in
@@ -454,15 +463,25 @@ class StatefulRunner(tf.Module):
       variable.assign(value if where is None else
                       engine._select(where, value, variable))
 
-  def _check_batch(self, chunk: Nest) -> None:
-    flat = tf.nest.flatten(chunk)
-    for name, x in zip(_checks.leaf_paths(chunk, "chunk"), flat):
-      x = tf.convert_to_tensor(x)
-      if x.shape.rank is not None and x.shape.rank >= 1:
-        if x.shape[0] is not None and x.shape[0] != self._batch_size:
-          raise ValueError(
-              f"{name} has batch size {x.shape[0]} (shape "
-              f"{_checks.shape_str(x.shape)}), but this StatefulRunner "
-              f"carries {self._batch_size} streams (batch_size="
-              f"{self._batch_size}). Pass chunks of {self._batch_size} rows "
-              "or build a runner for the new batch size.")
+  def _check_batch(self, chunk: Nest) -> Nest:
+    """`chunk`'s batch sizes against `batch_size`: statically, else by
+    run-time checks that gate the returned chunk."""
+    chunk = tf.nest.map_structure(tf.convert_to_tensor, chunk)
+    checks = []
+    for name, x in zip(_checks.leaf_paths(chunk, "chunk"),
+                       tf.nest.flatten(chunk)):
+      if x.shape.rank is None or x.shape.rank < 1:
+        continue  # The engine names a bad rank.
+      if x.shape[0] is None:
+        checks += _checks.dynamic_assert_equal(
+            tf.shape(x)[0], self._batch_size,
+            f"{name} has a batch size other than this StatefulRunner's "
+            f"batch_size={self._batch_size} (x: the chunk's).")
+      elif x.shape[0] != self._batch_size:
+        raise ValueError(
+            f"{name} has batch size {x.shape[0]} (shape "
+            f"{_checks.shape_str(x.shape)}), but this StatefulRunner "
+            f"carries {self._batch_size} streams (batch_size="
+            f"{self._batch_size}). Pass chunks of {self._batch_size} rows "
+            "or build a runner for the new batch size.")
+    return _checks.gated(chunk, checks)

@@ -134,7 +134,8 @@ def run(loop: "engine._Loop", flat_x: list[tf.Tensor],
   segments = _Segments(loop, call, unroll, inputs, controls, batch)
   outputs, all_states, final_states = segments.run(n_steps, k, time)
   if loop._reverse:
-    outputs = [tf.reverse(y, [0]) for y in outputs]
+    if loop._return_sequences:  # (Else `outputs` is the last, `[batch, ...]`.)
+      outputs = [tf.reverse(y, [0]) for y in outputs]
     all_states = [tf.reverse(s, [0]) for s in all_states]
   pack = tf.nest.pack_sequence_as
   return (pack(loop._y_spec, outputs), pack(loop._states, final_states),
