@@ -5,7 +5,7 @@ expected and what was received. Static checks run at trace time where shapes
 are known; `dynamic_assert_equal` covers dimensions only known at run time.
 """
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import keras
 import numpy as np
@@ -34,6 +34,18 @@ def state_input_names(specs: Any) -> list[str]:
 def nesting(structure: Any) -> Any:
   """`structure` with every leaf replaced by '.': its nesting, for messages."""
   return tf.nest.map_structure(lambda _: ".", structure)
+
+
+def check_same_nesting(given: Any, expected: Any,
+                       message: Callable[[], str]) -> None:
+  """Raises `ValueError(message())` unless `given` nests like `expected`.
+
+  `message` is a callable so that a passing check formats nothing.
+  """
+  try:
+    tf.nest.assert_same_structure(given, expected, check_types=False)
+  except (ValueError, TypeError):
+    raise ValueError(message()) from None
 
 
 def shape_str(shape: tf.TensorShape | Sequence[int | None]) -> str:

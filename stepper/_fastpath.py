@@ -15,7 +15,12 @@ Two mechanisms, found by profiling the engine's `tf.while_loop`:
    zeroing one slot) costs XLA two full copies of the `[time, batch, ...]`
    gradient on every backward step, so time grew with `time ** 2`.
 
-`disabled()` turns both off: tests compare the two engines for exact
+3. `handles_from(variables, handles)`: not a speed-up but the one other
+   reach into TensorFlow internals, kept here with the rest: `stepper.remat`
+   recomputes segments inside a gradient function and needs the variables'
+   forward-graph handles there.
+
+`disabled()` turns 1 and 2 off: tests compare the two engines for exact
 equality and the benchmark reports before/after numbers.
 
 One visible difference: a layer that adds a loss inside the step (an
@@ -113,6 +118,40 @@ def read_once(variables: list) -> tuple[contextlib.AbstractContextManager,
   reads = {id(v._value): value  # pylint: disable=protected-access
            for v, value in mapping}
   return _ReadOnceScope(mapping), reads
+
+
+@contextlib.contextmanager
+def handles_from(variables: list[tf.Variable],
+                 handles: list[tf.Tensor]) -> Iterator[None]:
+  """Reads and writes `variables` through forward-graph `handles` meanwhile.
+
+  A gradient function inside a `tf.while_loop` cannot capture a variable's
+  eager handle: while_v2 only resolves captures that come from the forward
+  loop body ("... is in list of internal_captures but not in
+  internal_capture_to_output", also why `tf.recompute_grad` fails in graph
+  loops). So while `stepper.remat` recomputes a segment, each variable uses
+  the handle its forward body captured. `_handle` is a private attribute of
+  TensorFlow's resource variables, for want of a public way to rebind one;
+  restored on exit.
+
+  Args:
+    variables: `tf.Variable`s the recomputation reads or writes.
+    handles: Their handles as the forward graph captured them (`[]`, eagerly:
+      nothing to rebind).
+  """
+  if not handles:
+    yield
+    return
+  saved = [v._handle for v in variables]  # pylint: disable=protected-access
+  for variable, handle in zip(variables, handles):
+    # An identity in the current (gradient) graph: what the tape watches is
+    # what the ops read.
+    variable._handle = tf.identity(handle)  # pylint: disable=protected-access
+  try:
+    yield
+  finally:
+    for variable, handle in zip(variables, saved):
+      variable._handle = handle  # pylint: disable=protected-access
 
 
 def in_xla() -> bool:

@@ -21,14 +21,13 @@ boundary. Here the choice is explicit:
 `stepper.tbptt` builds Williams & Peng's BPTT(k2; k1) on the same pieces.
 """
 
-# The engine's private helpers (validation, specs) are shared in the package.
-# pylint: disable=protected-access
-
 from typing import Any
 
 import tensorflow as tf
 
 from stepper import _checks
+from stepper import _inputs
+from stepper import _loop
 from stepper import engine
 from stepper import masking
 from stepper import remat as remat_lib
@@ -119,8 +118,8 @@ def run_chunks(
   if gradient not in _GRADIENTS:
     raise ValueError(f"`gradient` must be one of {_GRADIENTS}; got "
                      f"{gradient!r}.")
-  flat_x, batch, time = engine._time_major_inputs(step, inputs, time_major)
-  states = engine._initial_states(step, initial_states, batch)
+  flat_x, batch, time = _inputs.time_major_inputs(step, inputs, time_major)
+  states = _inputs.initial_states(step, initial_states, batch)
   controls = masking.prepare(
       mask=mask, sequence_length=sequence_length, resets=resets,
       zero_output_for_mask=zero_output_for_mask, batch=batch.value,
@@ -161,7 +160,7 @@ class _Chunks:
     self._engine_kwargs = engine_kwargs
     self._n_full = time // chunk_size
     self._folded_steps = self._n_full * chunk_size
-    self._y_spec = engine._output_spec(
+    self._y_spec = _inputs.output_spec(
         step, tf.nest.pack_sequence_as(
             self._x_structure,
             [tf.TensorSpec(x.shape[1:], x.dtype) for x in flat_x]),
@@ -293,7 +292,7 @@ def _carry_forward(y: tf.Tensor, mask: tf.Tensor,
   # An initializer: without one, `scan` reads step 0 of an empty sequence.
   last_valid = tf.scan(tf.maximum, steps,
                        initializer=tf.fill(tf.shape(mask)[1:], -1))
-  swap = engine._swap_batch_time
+  swap = _loop.swap_batch_time
   picked = swap(tf.gather(swap(y), tf.transpose(tf.maximum(last_valid, 0)),
                           axis=1, batch_dims=1))
   seen = tf.reshape(last_valid >= 0, tf.concat(
@@ -307,7 +306,7 @@ def _finish(y: tf.Tensor, sequence_shape: tf.TensorShape,
             time_major: bool) -> tf.Tensor:
   """Restores the static `[time, batch]` shape lost in the loop."""
   y.set_shape(sequence_shape.concatenate(y.shape[2:]))
-  return y if time_major else engine._swap_batch_time(y)
+  return y if time_major else _loop.swap_batch_time(y)
 
 
 class StatefulRunner(tf.Module):
@@ -347,8 +346,8 @@ class StatefulRunner(tf.Module):
     super().__init__(name=name)
     self._step = steps_lib.as_step(step)
     self._batch_size = _checks.check_positive_int(batch_size, "batch_size")
-    batch = engine._Dim(batch_size, tf.constant(batch_size))
-    initial = engine._initial_states(self._step, initial_states, batch)
+    batch = _loop.Dim(batch_size, tf.constant(batch_size))
+    initial = _inputs.initial_states(self._step, initial_states, batch)
     self._initial = tf.nest.map_structure(tf.convert_to_tensor, initial)
     self._state_variables = [
         tf.Variable(s, trainable=False, name=f"state_{i}")
@@ -399,7 +398,7 @@ class StatefulRunner(tf.Module):
         zero_output_for_mask=True, resets=resets, _reset_to=self._initial)
     last = self._last_outputs(outputs, create=mask is not None)
     if mask is not None:
-      swap = engine._swap_batch_time
+      swap = _loop.swap_batch_time
       time_major_mask = tf.transpose(tf.convert_to_tensor(mask))
       outputs = tf.nest.map_structure(
           lambda y, l: swap(_carry_forward(swap(y), time_major_mask,
@@ -461,7 +460,7 @@ class StatefulRunner(tf.Module):
               self._last_output_variables or []]
     for variable, value in pairs:
       variable.assign(value if where is None else
-                      engine._select(where, value, variable))
+                      _loop.select(where, value, variable))
 
   def _check_batch(self, chunk: Nest) -> Nest:
     """`chunk`'s batch sizes against `batch_size`: statically, else by

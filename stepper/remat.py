@@ -16,8 +16,8 @@ time, in the caller's layout: what stays sequence-sized is what the caller
 asked for (the outputs, their gradient, the inputs' gradient).
 
 The per-step logic (masks, resets, sequence lengths, output selection) is the
-engine's own `_Loop._one_step`, so the gradients are those of the plain
-engine: same operations, same order. The recomputation reads the step's
+engine's own step body (`_loop.Loop.run_segment`), so the gradients are those
+of the plain engine: same operations, same order. The recomputation reads the step's
 weights once per segment (`_fastpath.read_once`), as the plain engine does
 once per run: under XLA a read per step would be stacked per step.
 
@@ -29,8 +29,6 @@ variables as the forward pass left them. Stateful random ops without a
 variable (`tf.random.uniform`) cannot be replayed and are refused.
 """
 
-import contextlib
-import copy
 import math
 from typing import Any
 
@@ -38,7 +36,7 @@ import numpy as np
 import tensorflow as tf
 
 from stepper import _fastpath
-from stepper import engine
+from stepper import _loop
 
 Nest = Any
 
@@ -101,8 +99,8 @@ def segment_length(remat: int | str, n_steps: int | tf.Tensor
   return tf.maximum(tf.cast(root, tf.int32), 1)
 
 
-def run(loop: "engine._Loop", flat_x: list[tf.Tensor],
-        n_steps: int | tf.Tensor, time: "engine._Dim", unroll: int,
+def run(loop: _loop.Loop, flat_x: list[tf.Tensor],
+        n_steps: int | tf.Tensor, time: _loop.Dim, unroll: int,
         remat: int | str, time_major: bool = True
         ) -> tuple[Nest, Nest, Nest | None]:
   """`loop.run`, with each segment of steps recomputed in the backward pass.
@@ -123,36 +121,36 @@ def run(loop: "engine._Loop", flat_x: list[tf.Tensor],
     (sequences time-major).
   """
   batch = tf.shape(flat_x[0])[1 if time_major else 0]
-  call = loop._step.start(batch, loop._training)
-  controls = {name: value for name, value in (("mask", loop._controls.mask),
-                                               ("resets", loop._controls.resets))
+  call = loop.step.start(batch, loop.training)
+  controls = {name: value for name, value in (("mask", loop.controls.mask),
+                                               ("resets", loop.controls.resets))
               if value is not None}
-  if loop._reverse:  # Run the reversed sequence forward; reverse back below.
+  if loop.reverse:  # Run the reversed sequence forward; reverse back below.
     controls = {name: tf.reverse(v, [0]) for name, v in controls.items()}
-  inputs = _Inputs(flat_x, time_major, loop._reverse, time)
+  inputs = _Inputs(flat_x, time_major, loop.reverse, time)
   k = segment_length(remat, n_steps)
   segments = _Segments(loop, call, unroll, inputs, controls, batch)
   outputs, all_states, final_states = segments.run(n_steps, k, time)
-  if loop._reverse:
-    if loop._return_sequences:  # (Else `outputs` is the last, `[batch, ...]`.)
+  if loop.reverse:
+    if loop.return_sequences:  # (Else `outputs` is the last, `[batch, ...]`.)
       outputs = [tf.reverse(y, [0]) for y in outputs]
     all_states = [tf.reverse(s, [0]) for s in all_states]
   pack = tf.nest.pack_sequence_as
-  return (pack(loop._y_spec, outputs), pack(loop._states, final_states),
-          pack(loop._states, all_states) if all_states else None)
+  return (pack(loop.y_spec, outputs), pack(loop.states, final_states),
+          pack(loop.states, all_states) if all_states else None)
 
 
 class _Inputs:
   """Slices of the inputs, time-major and in the order the loop runs."""
 
   def __init__(self, flat_x: list[tf.Tensor], time_major: bool, reverse: bool,
-               time: "engine._Dim"):
+               time: _loop.Dim):
     self.flat = list(flat_x)
     self._axis = 0 if time_major else 1
     self._reverse = reverse
     self._time = time
     # Per-step specs, `[batch, ...]`.
-    self.step_specs = [engine._step_spec(x, time_major) for x in flat_x]
+    self.step_specs = [_loop.step_spec(x, time_major) for x in flat_x]
 
   def rows(self, x: tf.Tensor, start, n) -> tf.Tensor:
     """Steps `start .. start + n` (in running order) of `x`, `[n, batch, ...]`.
@@ -161,7 +159,7 @@ class _Inputs:
       start = self._time.value - start - n
     rows = _time_slice(x, start, n, self._axis)
     if self._axis:
-      rows = engine._swap_batch_time(rows)
+      rows = _loop.swap_batch_time(rows)
     return tf.reverse(rows, [0]) if self._reverse else rows
 
   def layout(self, rows: tf.Tensor) -> tf.Tensor:
@@ -169,7 +167,7 @@ class _Inputs:
     """
     if self._reverse:
       rows = tf.reverse(rows, [0])
-    return engine._swap_batch_time(rows) if self._axis else rows
+    return _loop.swap_batch_time(rows) if self._axis else rows
 
 
 class _Segments:
@@ -186,7 +184,7 @@ class _Segments:
   size `[time, batch, ...]` is kept.
   """
 
-  def __init__(self, loop: "engine._Loop", call, unroll: int,
+  def __init__(self, loop: _loop.Loop, call, unroll: int,
                inputs: _Inputs, controls: dict[str, tf.Tensor],
                batch: tf.Tensor):
     self._loop = loop
@@ -195,15 +193,15 @@ class _Segments:
     self._inputs = inputs
     self._controls = controls
     self._batch = batch
-    self._flat_y_spec = tf.nest.flatten(loop._y_spec)
+    self._flat_y_spec = tf.nest.flatten(loop.y_spec)
     self._variables, self._written = _step_variables(loop, call,
                                                      inputs.step_specs)
     self._resets = "resets" in controls
     # Specs of the rows of every returned sequence: outputs, then states.
-    self._row_specs = ((self._flat_y_spec if loop._return_sequences else []) +
-                       (loop._flat_init if loop._return_all_states else []))
-    self._last = ([engine._zeros(s, batch) for s in self._flat_y_spec]
-                  if loop._carry_last else [])
+    self._row_specs = ((self._flat_y_spec if loop.return_sequences else []) +
+                       (loop.flat_init if loop.return_all_states else []))
+    self._last = ([_loop.zeros(s, batch) for s in self._flat_y_spec]
+                  if loop.carry_last else [])
 
   def run(self, n_steps, k, time):
     """Runs `n_steps` steps in segments of `k`.
@@ -217,13 +215,13 @@ class _Segments:
     if plan.static and n_steps == 0:
       sequences = [_fit_time(_no_rows(s, self._batch), s, time)
                    for s in self._row_specs]
-      final_states, last = list(loop._flat_init), self._last
+      final_states, last = loop.flat_init, self._last
     else:
       # The reset target is an input too: gradients flow to it via resets.
-      reset_to = list(loop._flat_reset) if self._resets else []
-      groups = [self._inputs.flat, list(loop._flat_init), reset_to]
+      reset_to = loop.flat_reset if self._resets else []
+      groups = [self._inputs.flat, loop.flat_init, reset_to]
       # The variables' handles as this (forward) graph sees them; see
-      # `_handles_from`. Eager execution needs no such detour.
+      # `_fastpath.handles_from`. Eager execution needs no such detour.
       handles = ([] if tf.executing_eagerly() else
                  [tf.identity(v.handle) for v in self._variables])
 
@@ -233,7 +231,7 @@ class _Segments:
         result, saved = self._forward(plan, x, init, reset_to, time)
 
         def grad_fn(*d_result, variables=None):
-          with _handles_from(self._variables, handles):
+          with _fastpath.handles_from(self._variables, handles):
             return self._backward(plan, x, reset_to, saved, time,
                                   _split(d_result, self._result_groups()),
                                   variables or [])
@@ -242,14 +240,14 @@ class _Segments:
 
       sequences, final_states, last = _split(
           segmented(*tf.nest.flatten(groups)), self._result_groups())
-      for new, old in zip(final_states, loop._flat_init):
+      for new, old in zip(final_states, loop.flat_init):
         new.set_shape(old.shape)
-    n_outputs = len(self._flat_y_spec) if loop._return_sequences else 0
-    outputs = sequences[:n_outputs] if loop._return_sequences else last
+    n_outputs = len(self._flat_y_spec) if loop.return_sequences else 0
+    outputs = sequences[:n_outputs] if loop.return_sequences else last
     return outputs, sequences[n_outputs:], final_states
 
   def _result_groups(self):
-    return [self._row_specs, self._loop._flat_init, self._last]
+    return [self._row_specs, self._loop.flat_init, self._last]
 
   def _forward(self, plan, x, init, reset_to, time):
     """Runs every segment, keeping only the carries between them.
@@ -268,10 +266,9 @@ class _Segments:
       # The carry and the written variables' values before the segment.
       snapshot = self._snapshot(carry)
       with tf.control_dependencies(snapshot):
-        rows, states, last = self._steps(
-            n, self._controls_at(plan, j, n),
-            *carry, [self._inputs.rows(v, j * plan.k, n) for v in x],
-            reset_to)
+        rows, states, last = self._loop.run_segment(
+            self._call, n, [self._inputs.rows(v, j * plan.k, n) for v in x],
+            self._controls_at(plan, j, n), *carry, reset_to, self._unroll)
       return rows, (states, last), snapshot
 
     def body(j, row_tas, carry_tas, snapshot_tas, carry):
@@ -287,7 +284,7 @@ class _Segments:
     _, row_tas, carry_tas, snapshot_tas, carry = tf.while_loop(
         lambda j, *_: j < plan.n_full, body,
         (0, row_tas, carry_tas, snapshot_tas, carry),
-        maximum_iterations=plan.n_full, **self._loop._loop_kwargs)
+        maximum_iterations=plan.n_full, **self._loop.while_kwargs)
     saved = dict(carries=carry_tas, snapshots=snapshot_tas)
     pieces = [[self._stack(ta, s, plan.n_full)
                for ta, s in zip(row_tas, self._row_specs)]]
@@ -308,7 +305,7 @@ class _Segments:
       `(input_grads, variable_grads)` as `tf.custom_gradient` expects.
     """
     d_sequences, d_states, d_last = d_result
-    d_states = _zeros_for_none(d_states, self._loop._flat_init)
+    d_states = _zeros_for_none(d_states, self._loop.flat_init)
     d_last = _zeros_for_none(d_last, self._last)
     # What the forward pass left in the written variables; put back at the end.
     now = [tf.identity(v.read_value()) for v in self._written]
@@ -355,7 +352,7 @@ class _Segments:
     _, d_carry, _, done, sums, dx_tas = tf.while_loop(
         lambda i, *_: i < plan.n_full, body,
         (0, d_carry, d_carry, done, sums, dx_tas),
-        maximum_iterations=plan.n_full, **self._loop._loop_kwargs)
+        maximum_iterations=plan.n_full, **self._loop.while_kwargs)
     with tf.control_dependencies(d_carry + sums + done):
       restore = [v.assign(c) for v, c in zip(self._written, now)]
     with tf.control_dependencies(restore):
@@ -363,7 +360,7 @@ class _Segments:
     dx_tas = iter(dx_tas)
     dx = [self._input_grad(next(dx_tas), v, plan, time)
           if _is_float(v) else None for v in x]
-    d_init = d_carry[:len(self._loop._flat_init)]
+    d_init = d_carry[:len(self._loop.flat_init)]
     d_reset = sums[:len(reset_to)]
     return dx + d_init + d_reset, sums[len(reset_to):]
 
@@ -375,7 +372,7 @@ class _Segments:
 
   def _stack(self, ta, spec, size):
     """`[size * k, batch, ...]` rows from an array of `size` segments."""
-    stacked = lambda: _merge_leading(ta.stack())
+    stacked = lambda: _loop.merge_leading_dims(ta.stack())
     if isinstance(size, int):
       return stacked() if size else _no_rows(spec, self._batch)
     return tf.cond(size > 0, stacked, lambda: _no_rows(spec, self._batch))
@@ -388,35 +385,6 @@ class _Segments:
     """The written variables' values, read after `anchors` are computed."""
     with tf.control_dependencies(tf.nest.flatten(anchors)):
       return [tf.identity(v.read_value()) for v in self._written]
-
-  def _steps(self, n, controls, flat_states, last, x, reset_to):
-    """The engine's loop body over one segment; no checkpointing inside.
-
-    Returns:
-      Flat `(rows [n, ...], states, last)`: the rows of every returned
-      sequence (outputs, then states), the states and the carried last output
-      after the segment.
-    """
-    seg = copy.copy(self._loop)
-    # The segment's own inputs, indexed from 0; the run's per-step function.
-    seg._call, seg._time, seg._reverse = self._call, n, False
-    seg._flat_reset = reset_to or self._loop._flat_reset
-    seg._input_tas = [_unstack(v, n) for v in x]
-    seg._control_tas = {name: _unstack(v, n) for name, v in controls.items()}
-    new_tas = lambda specs: [
-        tf.TensorArray(s.dtype, size=n, element_shape=s.shape) for s in specs]
-    carry = (new_tas(self._flat_y_spec) if seg._return_sequences else [],
-             new_tas(self._loop._flat_init) if seg._return_all_states else [],
-             list(flat_states), list(last))
-    t = 0
-    if self._unroll > 1:
-      t, carry = seg._while(0, n // self._unroll * self._unroll, self._unroll,
-                            carry, maximum_iterations=n // self._unroll)
-    _, carry = seg._while(t, n, 1, carry, maximum_iterations=(
-        n if self._unroll == 1 else self._unroll - 1))
-    out_tas, state_tas, flat_states, last = carry
-    rows = [ta.stack() for ta in out_tas] + [ta.stack() for ta in state_tas]
-    return rows, flat_states, last
 
   def _segment_grads(self, n, controls, carry, x, reset_to, snapshot, d_rows,
                      d_carry, variables, after):
@@ -448,18 +416,19 @@ class _Segments:
       carry = [tf.identity(c) for c in carry]
       x = [tf.identity(v) for v in x]
       reset_to = [tf.identity(r) for r in reset_to]
-    n_states = len(self._loop._flat_init)
+    n_states = len(self._loop.flat_init)
     float_x = [v for v in x if _is_float(v)]
     # The weights, read once for the segment (as the plain engine does for
     # the run): XLA would otherwise stack a copy of each per step.
-    scope, reads = _fastpath.read_once(self._loop._step.trainable_variables)
+    scope, reads = _fastpath.read_once(self._loop.step.trainable_variables)
     sources = carry + float_x + reset_to + [reads.get(id(v), v)
                                             for v in variables]
     with tf.GradientTape(watch_accessed_variables=False) as tape:
       tape.watch(sources)
       with scope:
-        rows, states, last = self._steps(n, controls, carry[:n_states],
-                                         carry[n_states:], x, reset_to)
+        rows, states, last = self._loop.run_segment(
+            self._call, n, x, controls, carry[:n_states], carry[n_states:],
+            reset_to, self._unroll)
     # Read after the step's own writes: the next (earlier) segment rewinds
     # only then.
     done = [tf.identity(s) for s in states] + self._snapshot(states)
@@ -514,7 +483,7 @@ def _time_slice(x: tf.Tensor, start, n, axis: int = 0) -> tf.Tensor:
   """
   begin = [0] * x.shape.rank
   begin[axis] = start
-  size = [engine._size(x, i) for i in range(x.shape.rank)]
+  size = [_loop.size(x, i) for i in range(x.shape.rank)]
   size[axis] = n
   return tf.slice(x, tf.stack(begin), tf.stack(size))
 
@@ -531,11 +500,6 @@ def _is_float(value) -> bool:
   return value.dtype.is_floating or value.dtype.is_complex
 
 
-def _unstack(x: tf.Tensor, size) -> tf.TensorArray:
-  return tf.TensorArray(x.dtype, size=size,
-                        element_shape=x.shape[1:]).unstack(x)
-
-
 def _split(flat: list, groups: list[list]) -> list[list]:
   """`flat` cut into consecutive lists as long as those of `groups`."""
   out, start = [], 0
@@ -545,7 +509,7 @@ def _split(flat: list, groups: list[list]) -> list[list]:
   return out
 
 
-def _step_variables(loop: "engine._Loop", call,
+def _step_variables(loop: _loop.Loop, call,
                     x_specs: list[tf.TensorSpec]
                     ) -> tuple[list[tf.Variable], list[tf.Variable]]:
   """The variables one step reads and those it writes, found by tracing it.
@@ -557,11 +521,11 @@ def _step_variables(loop: "engine._Loop", call,
     ValueError: If the step draws random numbers from a stateful op that
       keeps its state outside any variable.
   """
-  x_spec = tf.nest.pack_sequence_as(loop._x_structure, x_specs)
+  x_spec = tf.nest.pack_sequence_as(loop.x_structure, x_specs)
   state_spec = tf.nest.map_structure(
-      lambda s: tf.TensorSpec(s.shape, s.dtype), loop._states)
+      lambda s: tf.TensorSpec(s.shape, s.dtype), loop.states)
   concrete = tf.function(
-      lambda x, s: call(x, s, loop._training),
+      lambda x, s: call(x, s, loop.training),
       autograph=False).get_concrete_function(x_spec, state_spec)
   by_handle = {id(v.handle): v for v in concrete.variables}
   by_placeholder = {id(internal): by_handle[id(external)]
@@ -572,7 +536,7 @@ def _step_variables(loop: "engine._Loop", call,
     if op.type in _UNREPLAYABLE_OPS:
       raise ValueError(
           f"remat cannot replay the stateful random op {op.name!r} "
-          f"({op.type}) in {loop._step.name}: its recomputation would draw "
+          f"({op.type}) in {loop.step.name}: its recomputation would draw "
           "different numbers. Draw randomness from a variable-backed "
           "generator (keras.random with a SeedGenerator, as Keras dropout "
           "does, or tf.random.Generator), or pass remat=None.")
@@ -584,33 +548,6 @@ def _step_variables(loop: "engine._Loop", call,
   return list(concrete.variables), list(written.values())
 
 
-@contextlib.contextmanager
-def _handles_from(variables: list[tf.Variable], handles: list[tf.Tensor]):
-  """Reads and writes `variables` through forward-graph `handles` meanwhile.
-
-  A gradient function inside a `tf.while_loop` cannot capture a variable's
-  eager handle: while_v2 only resolves captures that come from the forward
-  loop body ("... is in list of internal_captures but not in
-  internal_capture_to_output", also why `tf.recompute_grad` fails in graph
-  loops). So while a segment is recomputed, each variable uses the handle
-  its forward body captured. A private attribute of TensorFlow's resource
-  variables; restored on exit.
-  """
-  if not handles:
-    yield
-    return
-  saved = [v._handle for v in variables]
-  for variable, handle in zip(variables, handles):
-    # An identity in the current (gradient) graph: what the tape watches is
-    # what the ops read.
-    variable._handle = tf.identity(handle)
-  try:
-    yield
-  finally:
-    for variable, handle in zip(variables, saved):
-      variable._handle = handle
-
-
 def _pad_rows(rows: tf.Tensor, extra, static_rows: int | None) -> tf.Tensor:
   """`rows` `[n, ...]` followed by `extra` rows of zeros."""
   if not isinstance(extra, int) or extra:
@@ -619,16 +556,11 @@ def _pad_rows(rows: tf.Tensor, extra, static_rows: int | None) -> tf.Tensor:
   return rows
 
 
-def _merge_leading(x: tf.Tensor) -> tf.Tensor:
-  """`[a, b, ...]` -> `[a * b, ...]`."""
-  return tf.reshape(x, tf.concat([[-1], tf.shape(x)[2:]], 0))
-
-
 def _no_rows(spec, batch: tf.Tensor) -> tf.Tensor:
   return tf.zeros(tf.concat([[0, batch], spec.shape[1:]], 0), spec.dtype)
 
 
-def _fit_time(rows: tf.Tensor, spec, time: "engine._Dim") -> tf.Tensor:
+def _fit_time(rows: tf.Tensor, spec, time: _loop.Dim) -> tf.Tensor:
   """Rows `[m, batch, ...]`, zero after the last step, as `[time, ...]`."""
   if rows.shape[0] is None or rows.shape[0] != time.static:
     pad = tf.maximum(time.value - tf.shape(rows)[0], 0)

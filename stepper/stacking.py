@@ -176,14 +176,12 @@ class _Body:
 
   def _add_residual(self, i: int, layer_in: Nest, y: Nest) -> Nest:
     name = f"stack layer {i} ({self._layers[i].name})"
-    try:
-      tf.nest.assert_same_structure(layer_in, y, check_types=False)
-    except (ValueError, TypeError):
-      raise ValueError(
-          f"residual: {name} gets an input nested as "
-          f"{_checks.nesting(layer_in)} but returns an "
-          f"output nested as {_checks.nesting(y)}; "
-          "they cannot be added. Set residual=False for this layer.") from None
+    _checks.check_same_nesting(
+        layer_in, y,
+        lambda: f"residual: {name} gets an input nested as "
+        f"{_checks.nesting(layer_in)} but returns an output nested as "
+        f"{_checks.nesting(y)}; they cannot be added. Set residual=False for "
+        "this layer.")
     for a, b in zip(tf.nest.flatten(layer_in), tf.nest.flatten(y)):
       if not a.shape.is_compatible_with(b.shape) or a.dtype != b.dtype:
         raise ValueError(

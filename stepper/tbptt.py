@@ -35,14 +35,13 @@ Three entry points, the same numbers:
 * `updates(...)` and `iterate(...)`: one-off shortcuts building an `Updater`.
 """
 
-# The engine's private helpers (validation, specs) are shared in the package.
-# pylint: disable=protected-access
-
 from typing import Any, Callable, Iterator, NamedTuple
 
 import tensorflow as tf
 
 from stepper import _checks
+from stepper import _inputs
+from stepper import _loop
 from stepper import engine
 from stepper import steps as steps_lib
 
@@ -187,7 +186,7 @@ class Updater:
         are not shaped like the outputs (`tf.errors.InvalidArgumentError`
         when only known at run time), or as in `model_rnn`.
     """
-    flat_x, batch, time = engine._time_major_inputs(
+    flat_x, batch, time = _inputs.time_major_inputs(
         self._step, inputs, time_major=False)
     x = tf.nest.pack_sequence_as(inputs, flat_x)
     targets = self._check_targets(targets, x, states, batch, time)
@@ -225,14 +224,14 @@ class Updater:
       self.final_states = states
 
   def _prepare(self, inputs, targets, initial_states) -> _Sequence:
-    flat_x, batch, time = engine._time_major_inputs(
+    flat_x, batch, time = _inputs.time_major_inputs(
         self._step, inputs, time_major=False)
     if time.static is None:
       raise ValueError(
           "`inputs` has an unknown number of time steps; tbptt needs it "
           "statically to return one update per k1 steps. Give `inputs` a "
           "static time dimension.")
-    states = engine._initial_states(
+    states = _inputs.initial_states(
         self._step, initial_states, batch)
     x = tf.nest.pack_sequence_as(inputs, flat_x)
     targets = self._check_targets(targets, x, states, batch, time)
@@ -240,7 +239,7 @@ class Updater:
     return _Sequence(x, targets, states, -(-time.static // self._k1))
 
   def _check_targets(self, targets: Nest, x: Nest, states: Nest,
-                     batch: "engine._Dim", time: "engine._Dim") -> Nest:
+                     batch: _loop.Dim, time: _loop.Dim) -> Nest:
     """Targets nested like the outputs, each `[batch, time] + y_t`'s shape
     (integer labels may drop y_t's last axis, or make it 1); returns them
     time-major, gated by the run-time checks of what is unknown statically.
@@ -255,13 +254,11 @@ class Updater:
     targets = tf.nest.map_structure(tf.convert_to_tensor, targets)
     x_spec = tf.nest.map_structure(
         lambda t: tf.TensorSpec(t.shape[1:], t.dtype), x)
-    y_spec = engine._output_spec(self._step, x_spec, states, self._training)
-    try:
-      tf.nest.assert_same_structure(targets, y_spec, check_types=False)
-    except (ValueError, TypeError):
-      raise ValueError(
-          f"`targets` is nested as {_checks.nesting(targets)} but the step's "
-          f"outputs are nested as {_checks.nesting(y_spec)}.") from None
+    y_spec = _inputs.output_spec(self._step, x_spec, states, self._training)
+    _checks.check_same_nesting(
+        targets, y_spec,
+        lambda: f"`targets` is nested as {_checks.nesting(targets)} but the "
+        f"step's outputs are nested as {_checks.nesting(y_spec)}.")
     checked = []
     for name, t, y in zip(_checks.leaf_paths(targets, "targets"),
                           tf.nest.flatten(targets), tf.nest.flatten(y_spec)):
@@ -269,7 +266,7 @@ class Updater:
     return tf.nest.pack_sequence_as(targets, checked)
 
   def _check_update_index(self, j: int | tf.Tensor,
-                          time: "engine._Dim") -> int | tf.Tensor:
+                          time: _loop.Dim) -> int | tf.Tensor:
     """`j` in `[0, n_updates)`; a run-time check gates it if unknown."""
     n_updates = (time.value + self._k1 - 1) // self._k1
     message = (f"`j` must lie in [0, n_updates) where n_updates = "
@@ -290,7 +287,7 @@ class Updater:
     """Traces the step once so that a Keras cell has its variables."""
     x_spec = tf.nest.map_structure(
         lambda t: tf.TensorSpec(t.shape[1:], t.dtype), x)
-    engine._output_spec(self._step, x_spec, states, self._training)
+    _inputs.output_spec(self._step, x_spec, states, self._training)
     _ = self.variables  # Raises here, not inside a trace, if there are none.
 
   def _bounds(self, j: tf.Tensor, time: tf.Tensor):
@@ -309,8 +306,8 @@ class Updater:
                             training=self._training)
 
   def _mean_loss(self, targets: Nest, outputs: Nest) -> tf.Tensor:
-    y_true = tf.nest.map_structure(_merge_time_into_batch, targets)
-    y_pred = tf.nest.map_structure(_merge_time_into_batch, outputs)
+    y_true = tf.nest.map_structure(_loop.merge_leading_dims, targets)
+    y_pred = tf.nest.map_structure(_loop.merge_leading_dims, outputs)
     return tf.reduce_mean(self._loss(y_true, y_pred))
 
   def _update(self, x: Nest, targets: Nest, states: Nest, j: tf.Tensor):
@@ -370,7 +367,7 @@ class Updater:
     """The dtype `loss` returns, from an abstract trace of it alone."""
     x_spec = tf.nest.map_structure(
         lambda t: tf.TensorSpec(t.shape[1:], t.dtype), x)
-    y_spec = engine._output_spec(self._step, x_spec, states, self._training)
+    y_spec = _inputs.output_spec(self._step, x_spec, states, self._training)
     merged = lambda s: tf.TensorSpec([None] + s.shape[1:], s.dtype)
     concrete = tf.function(self._loss, autograph=False).get_concrete_function(
         tf.nest.map_structure(lambda t: merged(tf.TensorSpec(
@@ -453,15 +450,8 @@ def iterate(step: Any, inputs: Nest, targets: Nest, loss: Callable, *,
   return updater.iterate(inputs, targets, initial_states)
 
 
-def _merge_time_into_batch(x: tf.Tensor) -> tf.Tensor:
-  """`[time, batch, ...]` -> `[time * batch, ...]`, static tail kept."""
-  merged = tf.reshape(x, tf.concat([[-1], tf.shape(x)[2:]], 0))
-  merged.set_shape(tf.TensorShape([None]).concatenate(x.shape[2:]))
-  return merged
-
-
 def _check_target(name: str, target: tf.Tensor, y_shape: tf.TensorShape,
-                  batch: "engine._Dim", time: "engine._Dim") -> tf.Tensor:
+                  batch: _loop.Dim, time: _loop.Dim) -> tf.Tensor:
   """One target leaf against its output's per-step shape `y_shape`
   (`[...]` without batch); returns it time-major."""
   _checks.check_rank_at_least(target, 2, name, "[batch, time, ...]")
@@ -494,4 +484,4 @@ def _check_target(name: str, target: tf.Tensor, y_shape: tf.TensorShape,
   if checks:
     with tf.control_dependencies(checks):
       target = tf.identity(target)
-  return engine._swap_batch_time(target)
+  return _loop.swap_batch_time(target)
