@@ -187,3 +187,38 @@ def gated(value: Any, checks: list) -> Any:
     return value
   with tf.control_dependencies(checks):
     return tf.nest.map_structure(tf.identity, value)
+
+
+def check_bool(value: Any, name: str) -> bool:
+  """A Python (or numpy) bool: a string like "no" would read as True."""
+  if not isinstance(value, (bool, np.bool_)):
+    raise TypeError(f"`{name}` must be a bool; got {value!r} of type "
+                    f"{type(value).__name__}.")
+  return bool(value)
+
+
+def check_number(value: Any, name: str, *, positive: bool) -> float:
+  """A finite real number, `> 0` (`positive`) or `>= 0` (a tolerance).
+
+  NaN and infinities pass every comparison they should fail (`nan <= 0` is
+  False; a clip norm of `inf` gives `inf / inf = nan`), so they are named.
+
+  Raises:
+    ValueError: For a bool, a non-number, NaN, an infinity or a value out
+      of range.
+  """
+  bound = "> 0" if positive else ">= 0"
+  if (isinstance(value, (bool, np.bool_)) or
+      not isinstance(value, (int, float, np.integer, np.floating)) or
+      not np.isfinite(value) or value < 0 or (positive and value == 0)):
+    raise ValueError(f"`{name}` must be a finite number {bound}; got "
+                     f"{value!r}.")
+  return float(value)
+
+
+def check_no_none(value: Any, name: str, expected: str) -> None:
+  """Raises naming the first `None` leaf of `value` (or `value` itself)."""
+  for path, leaf in zip(leaf_paths(value, name), tf.nest.flatten(value)):
+    if leaf is None:
+      where = f"`{name}`" if path == name else path
+      raise ValueError(f"{where} is None; expected {expected}.")

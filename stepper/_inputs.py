@@ -35,11 +35,13 @@ def flat_inputs(step: steps_lib.Step, inputs: Nest,
       on batch or time, or they do not fit the step's declared input.
     TypeError: For a non-float input to a step that needs floats.
   """
+  _checks.check_no_none(inputs, "inputs",
+                        "a tensor or a nest of tensors [batch, time, ...]")
+  if not tf.nest.flatten(inputs):
+    raise ValueError(f"`inputs` is empty (got {inputs!r}); expected a tensor "
+                     "or a nest of tensors [batch, time, ...].")
   inputs = tf.nest.map_structure(tf.convert_to_tensor, inputs)
   flat = tf.nest.flatten(inputs)
-  if not flat:
-    raise ValueError("`inputs` is empty; expected a tensor or a nest of "
-                     "tensors [batch, time, ...].")
   names = _checks.leaf_paths(inputs, "inputs")
   layout = "[time, batch, ...]" if time_major else "[batch, time, ...]"
   for x, name in zip(flat, names):
@@ -49,13 +51,20 @@ def flat_inputs(step: steps_lib.Step, inputs: Nest,
                             "batch size")
   time = _checks.merge_dim([(n, x.shape[t]) for n, x in zip(names, flat)],
                            "number of time steps")
-  if batch is None and len(flat) > 1:
-    for name, x in zip(names[1:], flat[1:]):
-      _checks.dynamic_assert_equal(
-          tf.shape(x)[b], tf.shape(flat[0])[b],
-          f"{name} and {names[0]} have different batch sizes.")
+  checks = []  # Run-time checks of what is unknown statically.
+  for axis, known, what in ((b, batch, "batch sizes"),
+                            (t, time, "numbers of time steps")):
+    other = known if known is not None else tf.shape(flat[0])[axis]
+    for name, x in zip(names, flat):
+      if x.shape[axis] is None and (known is not None or x is not flat[0]):
+        checks += _checks.dynamic_assert_equal(
+            tf.shape(x)[axis], other,
+            f"{name} and the other inputs have different {what} (x: "
+            f"{name}'s, y: theirs).")
   _check_input_spec(step, inputs, names,
                     [_loop.step_spec(x, time_major) for x in flat])
+  # Every use of the inputs waits for the checks: none races the loop.
+  flat = _checks.gated(flat, checks)
   return (flat, _loop.Dim(batch, _loop.size(flat[0], b)),
           _loop.Dim(time, _loop.size(flat[0], t)))
 
@@ -109,8 +118,11 @@ def initial_states(step: steps_lib.Step, states: Nest | None,
   """
   if states is None:
     return step.initial_state(batch.value)
+  _checks.check_no_none(states, "initial_states",
+                        "a tensor [batch, ...] for every state")
   states = tf.nest.map_structure(tf.convert_to_tensor, states)
   specs = step.state_specs
+  checks = []  # Run-time checks of what is unknown statically.
   if specs is not None:
     n_given = len(states) if isinstance(states, (list, tuple)) else 1
     n_expected = len(specs) if isinstance(specs, (list, tuple)) else 1
@@ -127,6 +139,12 @@ def initial_states(step: steps_lib.Step, states: Nest | None,
       _checks.check_spec_compatible(
           state, spec, name, exp,
           "Pass states shaped like the step's state inputs.")
+      known = spec.shape[1:]
+      if known.is_fully_defined() and not state.shape[1:].is_fully_defined():
+        checks += [tf.debugging.assert_equal(
+            tf.shape(state)[1:], known.as_list(),
+            message=f"{name} must be shaped [batch] + {known.as_list()} "
+            f"like {exp}; its shape after the batch is:")]
   names = _checks.leaf_paths(states, "initial_states")
   for name, state in zip(names, tf.nest.flatten(states)):
     if state.shape.rank == 0:
@@ -134,10 +152,11 @@ def initial_states(step: steps_lib.Step, states: Nest | None,
     _checks.merge_dim([("inputs", batch.static), (name, state.shape[0])],
                       "batch size")
     if batch.static is None or state.shape[0] is None:
-      _checks.dynamic_assert_equal(
+      checks += _checks.dynamic_assert_equal(
           tf.shape(state)[0], batch.value,
-          f"{name} and the inputs have different batch sizes.")
-  return states
+          f"{name} and the inputs have different batch sizes (x: {name}'s, "
+          "y: the inputs').")
+  return _checks.gated(states, checks)
 
 
 def output_spec(step: steps_lib.Step, x_spec: Nest, states: Nest,
@@ -164,8 +183,8 @@ def output_spec(step: steps_lib.Step, x_spec: Nest, states: Nest,
     y_spec, new_spec = step.output_spec(x_spec, state_spec, training)
   except (ValueError, TypeError, tf.errors.InvalidArgumentError) as e:
     raise type(e)(
-        f"Calling {step.name} on x_t {x_spec} and states {state_spec} "
-        f"failed: {e}") from e
+        f"Calling {step.name} on one step of `inputs` (x_t {x_spec}) and "
+        f"the states {state_spec} failed: {e}") from e
   _checks.check_same_nesting(
       state_spec, new_spec,
       lambda: f"{step.name} returned new states nested as "

@@ -115,10 +115,16 @@ def model_rnn(
       disagree, `initial_states` do not match the step's states, the step
       returns new states shaped unlike its states, or a masking argument is
       malformed.
-    TypeError: For a non-float input to a step that needs floats, or a state
-      of the wrong dtype.
+    TypeError: For a non-float input to a step that needs floats, a state
+      of the wrong dtype, or a flag (`reverse`, ...) that is not a bool.
   """
   step = steps_lib.as_step(step)
+  for name, flag in (("time_major", time_major), ("reverse", reverse),
+                     ("return_sequences", return_sequences),
+                     ("return_all_states", return_all_states),
+                     ("swap_memory", swap_memory),
+                     ("zero_output_for_mask", zero_output_for_mask)):
+    _checks.check_bool(flag, name)
   _checks.check_positive_int(unroll, "unroll")
   remat_lib.check_remat(remat)
   if parallel_iterations is not None:
