@@ -22,6 +22,7 @@ import keras
 import tensorflow as tf
 
 from stepper import _checks
+from stepper import _dropout
 
 Nest = Any
 
@@ -212,10 +213,12 @@ def _from_model(model: keras.Model) -> Step:
             "every new state shaped like its state input.")
   n_states = len(inputs) - 1
 
-  def fn(x_t, states, training):
+  def call(x_t, states, training):
     out = model([x_t, *states] if n_states else x_t, training=training)
     out = _top_level(out)
     return out[0], list(out[1:])
+
+  fn, start = _with_dropout(call, model)
 
   def initial_state(batch_size):
     return [tf.nest.map_structure(
@@ -224,7 +227,7 @@ def _from_model(model: keras.Model) -> Step:
 
   return Step(fn, name=name, state_specs=state_specs,
               input_spec=tf.nest.map_structure(_spec_of, inputs[0]),
-              initial_state_fn=initial_state, module=model)
+              initial_state_fn=initial_state, start_fn=start, module=model)
 
 
 def _cell_state_structure(state_size: Nest) -> Nest:
@@ -247,7 +250,7 @@ def _from_cell(cell: Any) -> Step:
       lambda size: tf.TensorSpec([None] + _size_shape(size), dtype), structure,
       expand_composites=False)
 
-  def fn(x_t, states, training):
+  def call(x_t, states, training):
     output, new_states = cell(x_t, states, training=training)
     flat = tf.nest.flatten(new_states)
     n_expected = len(tf.nest.flatten(structure))
@@ -264,8 +267,45 @@ def _from_cell(cell: Any) -> Step:
         lambda s: tf.zeros(tf.concat([[batch_size], s.shape[1:]], 0), s.dtype),
         state_specs)
 
+  fn, start = _with_dropout(call, cell)
   return Step(fn, name=name, state_specs=state_specs,
-              initial_state_fn=initial_state, module=cell)
+              initial_state_fn=initial_state, start_fn=start, module=cell)
+
+
+def _with_dropout(call: Callable, module: Any
+                  ) -> tuple[Callable, Callable | None]:
+  """`call` with Keras' dropout protocol for the dropout cells `module` calls.
+
+  Returns:
+    `(fn, start_fn)` for `Step`. `start_fn` draws every cell's masks once per
+    run, before the loop, as `keras.layers.RNN` does, and its per-step
+    function hands them to the cells at every step: the same masks at every
+    step of a run (also in steps `remat` recomputes), fresh ones next run.
+    `fn` (a call outside a run: the abstract trace, a bare step) lets the
+    cells draw their own. Both clear the cells' cached masks after each
+    call, so none outlives the graph that made it.
+  """
+  cells = _dropout.dropout_cells(module)
+  if not cells:
+    return call, None
+
+  def fn(x_t, states, training):
+    try:
+      return call(x_t, states, training)
+    finally:
+      _dropout.reset(cells)
+
+  def start(batch_size, training):
+    if not (tf.is_tensor(training) or training):
+      return fn  # No dropout: nothing to draw.
+    masks = _dropout.draw(cells, batch_size)
+
+    def step(x_t, states, training):
+      with _dropout.installed(cells, masks):
+        return call(x_t, states, training)
+    return step
+
+  return fn, start
 
 
 def _accepts_training(fn: Callable) -> bool:

@@ -1,0 +1,154 @@
+"""Keras dropout cells (`dropout`, `recurrent_dropout`) with `training=True`.
+
+Reference: `keras.layers.RNN` over the same cell objects, started from the
+same `SeedGenerator` states: stepper draws the masks as Keras does (once per
+run, before the loop, from the cell's own generator), so outputs, gradients
+and the generators' states afterwards are those of Keras.
+"""
+
+from absl.testing import parameterized
+import keras
+import numpy as np
+import tensorflow as tf
+
+import stepper
+from stepper import testing
+
+BATCH, TIME, FEATURES = 3, 5, 4
+
+
+def _x(seed=0):
+  return tf.constant(np.random.default_rng(seed).standard_normal(
+      (BATCH, TIME, FEATURES)), tf.float32)
+
+
+def _cells(cell):
+  return list(cell.cells) if hasattr(cell, "cells") else [cell]
+
+
+def _gru():
+  return keras.layers.GRUCell(3, dropout=0.5, recurrent_dropout=0.3)
+
+
+def _lstm():
+  return keras.layers.LSTMCell(3, dropout=0.4, recurrent_dropout=0.5)
+
+
+def _stacked():
+  return keras.layers.StackedRNNCells([
+      _gru(), keras.layers.SimpleRNNCell(2, dropout=0.3,
+                                         recurrent_dropout=0.6)])
+
+
+class _SameSeeds:
+  """Runs functions from the same `SeedGenerator` states of `cells`."""
+
+  def __init__(self, cells):
+    self._cells = cells
+    self._states = [c.seed_generator.state.numpy() for c in cells]
+
+  def run(self, fn, *args):
+    for cell, state in zip(self._cells, self._states):
+      cell.seed_generator.state.assign(state)
+    result = fn(*args)
+    return result, [c.seed_generator.state.numpy() for c in self._cells]
+
+
+def _loss_and_grads(run, variables):
+  """`x -> (outputs, grads of sum(outputs ** 2) w.r.t. [x, *variables])`."""
+  def fn(x):
+    with tf.GradientTape() as tape:
+      tape.watch(x)
+      outputs = run(x)
+      loss = tf.reduce_sum(tf.square(outputs))
+    return outputs, tape.gradient(loss, [x] + variables)
+  return fn
+
+
+class DropoutCellTest(tf.test.TestCase, parameterized.TestCase):
+
+  def assert_same_as_keras(self, step, cell, mode, **kwargs):
+    x = _x()
+    layer = keras.layers.RNN(cell, return_sequences=True)
+    layer(x)  # Builds the cell.
+    seeds = _SameSeeds(_cells(cell))
+    variables = cell.trainable_variables
+    (expected, expected_grads), expected_seeds = seeds.run(testing.in_mode(
+        _loss_and_grads(lambda x: layer(x, training=True), variables), mode),
+                                                           x)
+    (outputs, grads), seeds_after = seeds.run(testing.in_mode(
+        _loss_and_grads(lambda x: stepper.model_rnn(
+            step, x, training=True, **kwargs)[0], variables), mode), x)
+    # Same ops on the same masks: bitwise equal forward; the gradients too
+    # without remat (remat sums a segment's gradients in another order).
+    self.assertAllEqual(outputs, expected)
+    testing.assert_nests_close(grads, expected_grads,
+                               rtol=1e-6 if kwargs else 0, atol=1e-7)
+    self.assertAllEqual(seeds_after, expected_seeds)
+    # Dropout is on: the run differs from the one without it.
+    self.assertNotAllClose(outputs, stepper.model_rnn(step, x)[0])
+
+  @parameterized.named_parameters(
+      ("gru_eager", _gru, "eager"), ("lstm_eager", _lstm, "eager"),
+      ("stacked_rnn_cells_eager", _stacked, "eager"))
+  def test_cell_matches_keras_rnn(self, make_cell, mode):
+    cell = make_cell()
+    self.assert_same_as_keras(cell, cell, mode)
+
+  def test_remat_replays_the_masks_of_keras_rnn(self):
+    cell = _stacked()
+    self.assert_same_as_keras(cell, cell, "eager", remat=2)
+
+  def test_stack_matches_keras_stacked_rnn_cells(self):
+    bottom, top = _gru(), _lstm()
+    self.assert_same_as_keras(stepper.stack([bottom, top]),
+                              keras.layers.StackedRNNCells([bottom, top]),
+                              "eager")
+
+  def test_step_model_masks_are_keras_masks_fixed_within_a_run(self):
+    # A functional step model around a GRUCell draws the masks keras.layers.
+    # RNN(cell) draws (same shapes, same generator), so its runs equal
+    # Keras' exactly: one mask for every step of a run, a fresh one per run.
+    cell = _gru()
+    x_t, h = keras.Input((FEATURES,)), keras.Input((3,))
+    y, new_h = cell(x_t, [h])
+    model = keras.Model([x_t, h], [y, new_h[0]])
+    self.assert_same_as_keras(model, cell, "eager")
+
+  @parameterized.named_parameters(*testing.MODES[1:])
+  def test_runs_in_a_row_draw_fresh_masks(self, mode):
+    cell = _gru()
+    run = testing.in_mode(
+        lambda x: stepper.model_rnn(cell, x, training=True)[0], mode)
+    x = _x()
+    first, second, third = run(x), run(x), run(x)
+    self.assertNotAllClose(first, second)
+    self.assertNotAllClose(second, third)
+    # Nothing stays cached on the cell: Keras' own layer still works after.
+    keras.layers.RNN(cell)(x, training=True)
+
+  def test_training_false_uses_no_mask(self):
+    cell = _lstm()
+    x = _x()
+    expected = keras.layers.RNN(cell, return_sequences=True)(x)
+    self.assertAllClose(stepper.model_rnn(cell, x, training=False)[0],
+                        expected, rtol=1e-6, atol=1e-7)
+
+  def test_run_chunks(self):
+    cell = _gru()
+    x = _x()
+
+    def run(x):
+      with tf.GradientTape() as tape:
+        outputs, _ = stepper.run_chunks(cell, x, 2, training=True)
+        loss = tf.reduce_sum(outputs)
+      return outputs, tape.gradient(loss, cell.trainable_variables)
+
+    outputs, grads = run(x)
+    self.assertEqual(outputs.shape, (BATCH, TIME, 3))
+    self.assertNotAllClose(outputs, run(x)[0])
+    self.assertTrue(all(np.all(np.isfinite(g)) for g in grads))
+
+
+if __name__ == "__main__":
+  tf.test.main()
