@@ -1,6 +1,6 @@
 """stepper: step any single-step Keras model through time with exact gradients."""
 
-from stepper.bidirectional import bidirectional
+from stepper.bidirectional import Bidirectional, bidirectional
 from stepper.chunking import StatefulRunner, run_chunks
 from stepper.engine import model_rnn
 from stepper.layers import StepRNN
@@ -15,6 +15,7 @@ from stepper import verify
 
 __all__ = [
     "BatchLosses",
+    "Bidirectional",
     "StatefulRunner",
     "Step",
     "StepRNN",

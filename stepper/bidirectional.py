@@ -1,17 +1,20 @@
-"""`bidirectional`: two step models, one run forward and one backward.
+"""Two step models, one run forward and one backward.
 
-The semantics are those of `keras.layers.Bidirectional`: the backward run
-starts at the last step (with `sequence_length`, at each row's real last
+`bidirectional` (a function) and `Bidirectional` (a Keras layer over two
+`StepRNN`s) have the semantics of `keras.layers.Bidirectional`: the backward
+run starts at the last step (with `sequence_length`, at each row's real last
 step), its outputs are returned in the input's time order, and the two
 directions' outputs are merged by `merge_mode`.
 """
 
 from typing import Any, Callable
 
+import keras
 import tensorflow as tf
 
 from stepper import _checks
 from stepper import engine
+from stepper import layers
 
 Nest = Any
 
@@ -136,3 +139,49 @@ def _check_mergeable(merge_mode: str, forward: tf.Tensor,
     raise ValueError(f"`merge_mode`={merge_mode!r} needs both directions' "
                      f"outputs {alike}; got {got}. Use steps of the same "
                      "width, `merge_mode='concat'` or `None`.")
+
+
+@keras.saving.register_keras_serializable(package="stepper")
+class Bidirectional(keras.layers.Bidirectional):
+  """`keras.layers.Bidirectional` over `stepper.StepRNN` layers.
+
+  >>> layer = stepper.Bidirectional(
+  ...     stepper.StepRNN(keras.layers.LSTMCell(8)), merge_mode="sum")
+  >>> layer(tf.random.normal([4, 20, 3])).shape
+  TensorShape([4, 20, 8])
+
+  Keras' own wrapper, constructor and behaviour: the backward layer is a
+  copy of `layer` with `go_backwards=True` (or `backward_layer`), masks
+  reach both directions, `zero_output_for_mask` follows `return_sequences`,
+  `return_state=True` returns `[outputs, *forward_states,
+  *backward_states]`, an `initial_state` list is split in halves (forward
+  first), and the layer serializes.
+
+  Args:
+    layer: The forward `stepper.StepRNN`; it is copied through its config.
+    merge_mode: `"concat"`, `"sum"`, `"mul"`, `"ave"` or `None` (a list of
+      both directions' outputs).
+    weights: Initial weights, forward then backward (as Keras').
+    backward_layer: Optional `stepper.StepRNN` for the backward direction
+      (with `go_backwards=True`); it must agree with `layer` on
+      `return_sequences`, `return_state` and `stateful`.
+    **kwargs: `keras.layers.Layer` arguments.
+
+  Raises:
+    TypeError: If `layer` or `backward_layer` is not a `stepper.StepRNN`.
+    ValueError: For an unknown `merge_mode`, or layers that run in the same
+      direction or disagree on `return_sequences`, `return_state` or
+      `stateful` (Keras' checks, which name the attribute).
+  """
+
+  def __init__(self, layer: layers.StepRNN, merge_mode: str | None = "concat",
+               weights: list | None = None,
+               backward_layer: layers.StepRNN | None = None, **kwargs):
+    for name, value in (("layer", layer), ("backward_layer", backward_layer)):
+      if value is not None and not isinstance(value, layers.StepRNN):
+        raise TypeError(
+            f"`{name}` must be a stepper.StepRNN; got "
+            f"{type(value).__name__}. For keras.layers.RNN layers, use "
+            "keras.layers.Bidirectional.")
+    super().__init__(layer, merge_mode=merge_mode, weights=weights,
+                     backward_layer=backward_layer, **kwargs)

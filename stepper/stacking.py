@@ -64,33 +64,53 @@ def stack(steps: Sequence[Any], *, residual: bool | Sequence[bool] = False,
       input and output disagree, or the states are not one entry per layer.
   """
   layers = _check_steps(steps)
-  residual = _check_residual(residual, len(layers))
-  rate = _check_rate(dropout)
   _check_seed(seed)
-  body = _Body(layers, residual, bool(return_all_outputs), rate)
-  generator = None
-  if rate > 0:  # Created eagerly: a Generator owns a variable.
-    generator = (tf.random.Generator.from_non_deterministic_state()
-                 if seed is None else tf.random.Generator.from_seed(seed))
+  return Stack(list(steps), layers, _check_residual(residual, len(layers)),
+               bool(return_all_outputs), _check_rate(dropout), seed)
 
-  def start(batch_size, training):
-    calls = [layer.start(batch_size, training) for layer in layers]
-    seeds = None
-    if generator is not None and len(layers) > 1 and (
-        isinstance(training, tf.Tensor) or training):
-      # One seed per layer boundary, drawn once per run: every step reuses it.
-      seeds = tf.unstack(generator.make_seeds(len(layers) - 1), axis=1)
-    return lambda x, s, tr: body(calls, seeds, training, x, s, tr)
 
-  specs = [layer.state_specs for layer in layers]
-  return steps_lib.Step(
-      lambda x, s, tr: body(layers, None, None, x, s, tr),
-      name=f"stack of {len(layers)} layers [" +
-      ", ".join(layer.name for layer in layers) + "]",
-      state_specs=None if any(s is None for s in specs) else tuple(specs),
-      input_spec=layers[0].input_spec,
-      initial_state_fn=lambda batch: _initial_states(layers, batch),
-      start_fn=start, module=_Layers(layers))
+class Stack(steps_lib.Step):
+  """The `Step` that `stack` returns; use `stack` to make one.
+
+  Attributes:
+    steps: The steps as given to `stack` (Keras layers, callables, `Step`s),
+      bottom first: what `stepper.StepRNN` tracks and serializes.
+    config: The other arguments of `stack`: `residual` (one bool per layer),
+      `return_all_outputs`, `dropout` and `seed`.
+  """
+
+  def __init__(self, steps: list, layers: list[steps_lib.Step],
+               residual: tuple[bool, ...], return_all_outputs: bool,
+               rate: float, seed: int | None):
+    self.steps = steps
+    self.config = dict(residual=list(residual),
+                       return_all_outputs=return_all_outputs, dropout=rate,
+                       seed=seed)
+    body = _Body(layers, residual, return_all_outputs, rate)
+    generator = None
+    if rate > 0:  # Created eagerly: a Generator owns a variable.
+      generator = (tf.random.Generator.from_non_deterministic_state()
+                   if seed is None else tf.random.Generator.from_seed(seed))
+
+    def start(batch_size, training):
+      calls = [layer.start(batch_size, training) for layer in layers]
+      seeds = None
+      if generator is not None and len(layers) > 1 and (
+          isinstance(training, tf.Tensor) or training):
+        # One seed per layer boundary, drawn once per run: every step reuses
+        # it.
+        seeds = tf.unstack(generator.make_seeds(len(layers) - 1), axis=1)
+      return lambda x, s, tr: body(calls, seeds, training, x, s, tr)
+
+    specs = [layer.state_specs for layer in layers]
+    super().__init__(
+        lambda x, s, tr: body(layers, None, None, x, s, tr),
+        name=f"stack of {len(layers)} layers [" +
+        ", ".join(layer.name for layer in layers) + "]",
+        state_specs=None if any(s is None for s in specs) else tuple(specs),
+        input_spec=layers[0].input_spec,
+        initial_state_fn=lambda batch: _initial_states(layers, batch),
+        start_fn=start, module=_Layers(layers))
 
 
 class _Layers:

@@ -230,8 +230,13 @@ def _from_model(model: keras.Model) -> Step:
               initial_state_fn=initial_state, start_fn=start, module=model)
 
 
-def _cell_state_structure(state_size: Nest) -> Nest:
-  """Keras' convention: a list/tuple of sizes is several states."""
+def _cell_state_structure(cell: Any) -> Nest:
+  """Keras' convention: a list/tuple of sizes is several states; a
+  `StackedRNNCells` has a list of states per cell (`[[h1], [h2, c2]]`, as
+  `keras.layers.RNN` returns them)."""
+  if isinstance(cell, keras.layers.StackedRNNCells):
+    return [_cell_state_structure(c) for c in cell.cells]
+  state_size = cell.state_size
   if isinstance(state_size, tf.TensorShape) or not tf.nest.is_nested(
       state_size):
     return [state_size]
@@ -244,7 +249,7 @@ def _size_shape(size) -> list[int | None]:
 
 def _from_cell(cell: Any) -> Step:
   name = f"cell {getattr(cell, 'name', type(cell).__name__)!r}"
-  structure = _cell_state_structure(cell.state_size)
+  structure = _cell_state_structure(cell)
   dtype = tf.as_dtype(getattr(cell, "compute_dtype", None) or "float32")
   state_specs = tf.nest.map_structure(
       lambda size: tf.TensorSpec([None] + _size_shape(size), dtype), structure,

@@ -205,5 +205,104 @@ class StepRNNTest(tf.test.TestCase, parameterized.TestCase):
     testing.assert_nests_close(by_callable, by_cell, rtol=1e-5, atol=1e-6)
 
 
+
+class StepRNNDropInTest(tf.test.TestCase):
+  """What keras.layers.RNN code relies on beyond the golden numbers of
+  tests/keras_parity_test.py: stacks as Keras layers, stateful semantics,
+  dropout under model.fit, Bidirectional's checks."""
+
+  def _stack(self, dropout=0.0):
+    return stepper.stack([
+        keras.layers.GRUCell(UNITS, dropout=dropout),
+        keras.layers.LSTMCell(2, recurrent_dropout=dropout)])
+
+  def test_stack_return_state_matches_keras_stacked_rnn_cells(self):
+    keras.utils.set_random_seed(15)
+    ours = stepper.StepRNN(self._stack(), return_state=True)
+    keras_cells = [keras.layers.GRUCell(UNITS), keras.layers.LSTMCell(2)]
+    reference = keras.layers.RNN(keras.layers.StackedRNNCells(keras_cells),
+                                 return_sequences=True, return_state=True)
+    x = _padded_inputs()
+    ours(x)
+    reference(x)
+    reference.set_weights(ours.get_weights())
+    h = [np.full((BATCH, n), 0.5, "float32") for n in (UNITS, 2, 2)]
+    # Keras nests the states per cell, [out, [h1], [h2, c2]]; so does the
+    # layer, for a stepper.stack and for StackedRNNCells, as initial_state
+    # and as returned states.
+    actual = ours(x, initial_state=[[h[0]], [h[1], h[2]]])
+    self.assertEqual([len(s) for s in actual[1:]], [1, 2])
+    testing.assert_nests_close(
+        actual, reference(x, initial_state=[[h[0]], [h[1], h[2]]]),
+        rtol=1e-5, atol=1e-6)
+    self.assertEqual(ours.compute_output_shape((BATCH, TIME, FEATURES)),
+                     ((BATCH, TIME, 2), [(BATCH, UNITS)], [(BATCH, 2)] * 2))
+
+  def test_sequential_with_stack_and_dropout_fits_saves_and_loads(self):
+    keras.utils.set_random_seed(16)
+    model = keras.Sequential([
+        keras.Input((TIME, FEATURES)),
+        stepper.StepRNN(self._stack(dropout=0.3), return_sequences=False),
+        keras.layers.Dense(1)])
+    # Both cells' weights reach Keras: 3 (GRU) + 3 (LSTM) + 2 (Dense).
+    self.assertLen(model.trainable_weights, 8)
+    before = [w.numpy() for w in model.trainable_weights]
+    model.compile(keras.optimizers.Adam(0.01), "mse")
+    x = _padded_inputs()
+    model.fit(x, np.ones((BATCH, 1)), epochs=2, verbose=0)
+    for old, new in zip(before, model.trainable_weights):
+      self.assertNotAllClose(old, new)  # model.fit trains every layer.
+    path = os.path.join(self.get_temp_dir(), "stack.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    testing.assert_nests_close(loaded(x), model(x), rtol=0)
+    self.assertEqual(loaded.layers[0].step.config,
+                     model.layers[0].step.config)
+
+  def test_stateful_cuts_the_gradient_between_calls(self):
+    cell = keras.layers.GRUCell(UNITS)
+    layer = stepper.StepRNN(cell, stateful=True)
+    x = tf.constant(_padded_inputs())
+    first = layer(x[:, :3])
+    with tf.GradientTape() as tape:
+      tape.watch(x)
+      second = layer(x[:, 3:])
+      loss = tf.reduce_sum(second)
+    # The second call continues the first (one long run), but its gradient
+    # stops at the states carried in variables.
+    whole, _ = stepper.model_rnn(cell, x)
+    testing.assert_nests_close(tf.concat([first, second], 1), whole,
+                               rtol=1e-5, atol=1e-6)
+    grads = tape.gradient(loss, [x, layer.states[0]])
+    self.assertAllEqual(grads[0][:, :3], tf.zeros_like(grads[0][:, :3]))
+    self.assertNotAllClose(grads[0][:, 3:], tf.zeros_like(grads[0][:, 3:]))
+    self.assertIsNone(grads[1])
+    self.assertLen(layer.non_trainable_weights, 0)  # States are not weights.
+
+  def test_stateful_raises_without_a_fixed_batch_size(self):
+    with self.assertRaisesRegex(
+        ValueError, r"stateful=True needs a fixed batch size .* "
+        r"\(None, 6, 3\)"):
+      keras.Sequential([keras.Input((TIME, FEATURES)),
+                        stepper.StepRNN(keras.layers.GRUCell(UNITS),
+                                        stateful=True)])
+
+  def test_reset_state_raises_when_not_stateful(self):
+    with self.assertRaisesRegex(AttributeError, "is not stateful"):
+      stepper.StepRNN(keras.layers.GRUCell(UNITS)).reset_states()
+
+  def test_bidirectional_raises_on_bad_layers(self):
+    forward = stepper.StepRNN(keras.layers.GRUCell(UNITS))
+    with self.assertRaisesRegex(ValueError, r'"return_sequences", got '
+                                r'"True" for forward layer and "False"'):
+      stepper.Bidirectional(forward, backward_layer=stepper.StepRNN(
+          keras.layers.GRUCell(UNITS), return_sequences=False,
+          go_backwards=True))
+    with self.assertRaisesRegex(TypeError, r"`layer` must be a "
+                                r"stepper.StepRNN; got RNN"):
+      stepper.Bidirectional(keras.layers.RNN(keras.layers.GRUCell(UNITS)))
+    with self.assertRaisesRegex(ValueError, "merge mode"):
+      stepper.Bidirectional(forward, merge_mode="max")
+
 if __name__ == "__main__":
   tf.test.main()
