@@ -1,13 +1,14 @@
 """stepper: step any single-step Keras model through time with exact gradients."""
 
 from stepper.bidirectional import Bidirectional, bidirectional
+from stepper.callbacks import BatchLosses
 from stepper.chunking import StatefulRunner, run_chunks
 from stepper.engine import model_rnn
 from stepper.layers import StepRNN
 from stepper.stacking import stack
 from stepper.states import TrainableState
 from stepper.steps import Step, as_step
-from stepper.train import BatchLosses, Trainer
+from stepper.train import Trainer
 from stepper import data
 from stepper import tbptt
 from stepper import testing

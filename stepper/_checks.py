@@ -1,4 +1,4 @@
-"""Argument validation shared by the public entry points.
+"""Argument validation (and naming) shared by the public entry points.
 
 Every check raises `ValueError`/`TypeError` naming the argument, what was
 expected and what was received. Static checks run at trace time where shapes
@@ -222,3 +222,14 @@ def check_no_none(value: Any, name: str, expected: str) -> None:
     if leaf is None:
       where = f"`{name}`" if path == name else path
       raise ValueError(f"{where} is None; expected {expected}.")
+
+
+def unique_by_id(items: Any) -> list:
+  """`items` in order, each object once (by identity: TensorFlow variables
+  cannot go in a `set`)."""
+  seen, unique = set(), []
+  for item in items:
+    if id(item) not in seen:
+      seen.add(id(item))
+      unique.append(item)
+  return unique

@@ -323,7 +323,8 @@ class StatefulRunner(tf.Module):
   >>> for chunk in tf.split(tf.random.normal([4, 30, 3]), 3, axis=1):
   ...   y = runner(chunk, training=True)
   >>> runner.reset_states(where=tf.constant([True, False, False, False]))
-  >>> tf.train.Checkpoint(runner=runner).save("/tmp/stream")
+  >>> import tempfile
+  >>> path = tf.train.Checkpoint(runner=runner).save(tempfile.mkdtemp())
   """
 
   def __init__(self, step: Any, batch_size: int,

@@ -120,13 +120,8 @@ class _Layers:
     self.layers = layers
 
   def _unique(self, attr: str) -> list:
-    seen, unique = set(), []
-    for layer in self.layers:
-      for v in getattr(layer, attr):
-        if id(v) not in seen:
-          seen.add(id(v))
-          unique.append(v)
-    return unique
+    return _checks.unique_by_id(v for layer in self.layers
+                                for v in getattr(layer, attr))
 
   @property
   def trainable_variables(self) -> list:

@@ -152,6 +152,45 @@ def as_step(step: Any) -> Step:
   return cached
 
 
+def wrap_call(step: Step, wrapper: Callable[[Callable], Callable], *,
+              name: str, input_spec: Nest | None = None,
+              initial_state_fn: Callable[[tf.Tensor], Nest] | None = None,
+              module: Any = None) -> Step:
+  """A `Step` running `wrapper(call)` for each of `step`'s per-step calls.
+
+  `wrapper` maps a per-step function `(x_t, states, training) -> (y_t,
+  new_states)` to another; it wraps the step itself and the function
+  `step.start` returns for each run, so per-run context (e.g. variational
+  dropout masks) is kept. The state specs are `step`'s; what the wrapper may
+  change (the input, the variables) is given.
+
+  >>> cell = stepper.as_step(keras.layers.GRUCell(4))
+  >>> doubled = stepper.steps.wrap_call(
+  ...     cell, lambda call: lambda x, s, training: call(2 * x, s, training),
+  ...     name="doubled GRU", initial_state_fn=cell.initial_state)
+  >>> x = tf.random.normal([2, 5, 3])
+  >>> y, _ = stepper.model_rnn(doubled, x)
+  >>> np.allclose(y, stepper.model_rnn(cell, 2 * x)[0])
+  True
+
+  Args:
+    step: The `Step` to wrap.
+    wrapper: Maps a per-step function to the wrapped one.
+    name: The new step's name (for messages).
+    input_spec: The new step's `x_t` spec, or `None` (undeclared).
+    initial_state_fn: Its default states for a batch size, or `None`.
+    module: What holds its variables, or `None`.
+
+  Returns:
+    The wrapped `Step`.
+  """
+  return Step(
+      wrapper(step), name=name, state_specs=step.state_specs,
+      input_spec=input_spec, initial_state_fn=initial_state_fn,
+      start_fn=lambda batch, training: wrapper(step.start(batch, training)),
+      module=module)
+
+
 def _adapt(step: Any) -> Step:
   if isinstance(step, keras.Model) and _has_functional_inputs(step):
     return _from_model(step)

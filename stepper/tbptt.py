@@ -64,9 +64,12 @@ class Updater:
   >>> updater = stepper.tbptt.Updater(
   ...     cell, keras.losses.MeanSquaredError(), k1=5, k2=8)
   >>> optimizer = keras.optimizers.SGD(0.1)
+  >>> batches = [(tf.random.normal([4, 20, 3]), tf.random.normal([4, 20, 8]))]
   >>> for x, y in batches:  # x [batch, time, 3], y [batch, time, 8]
   ...   for loss_j, grads_j in updater.iterate(x, y):
-  ...     optimizer.apply_gradients(zip(grads_j, updater.variables))
+  ...     _ = optimizer.apply_gradients(zip(grads_j, updater.variables))
+  >>> int(optimizer.iterations)  # Updates at steps 5, 10, 15, 20.
+  4
 
   `iterate` computes update `j` when it is requested, from the state saved
   by update `j - 1`, so weights changed in between are used from then on
@@ -423,21 +426,17 @@ def iterate(step: Any, inputs: Nest, targets: Nest, loss: Callable, *,
   A shortcut for `Updater(step, loss, ...).iterate(inputs, targets, ...)`:
   apply each update before requesting the next for online TBPTT.
 
+  >>> cell = keras.layers.GRUCell(8)
+  >>> x, y = tf.random.normal([4, 20, 3]), tf.random.normal([4, 20, 8])
+  >>> cell.build((None, 3))  # Its variables exist before the first update.
   >>> optimizer = keras.optimizers.SGD(0.1)
   >>> for loss_j, grads_j in stepper.tbptt.iterate(
   ...     cell, x, y, keras.losses.MeanSquaredError(), k1=5, k2=8):
-  ...   optimizer.apply_gradients(zip(grads_j, cell.trainable_variables))
+  ...   _ = optimizer.apply_gradients(zip(grads_j, cell.trainable_variables))
 
   Args:
-    step: As in `Updater`.
-    inputs: As in `Updater.updates`.
-    targets: As in `Updater.updates`.
-    loss: As in `Updater`.
-    k1: As in `Updater`.
-    k2: As in `Updater`.
-    initial_states: As in `Updater.updates`.
-    variables: As in `Updater`.
-    training: As in `Updater`.
+    step, inputs, targets, loss, k1, k2, initial_states, variables, training:
+      As in `updates`.
 
   Returns:
     An iterator of `(loss_j, grads_j)` (see `Updater.iterate`).

@@ -1,5 +1,7 @@
 """Assertions and run modes for test suites of step models.
 
+>>> grads = [tf.constant([1.0, 2.0]), {"b": tf.constant(3.0)}]
+>>> control_grads = [np.array([1.0, 2.0]), {"b": np.array(3.0)}]
 >>> stepper.testing.assert_nests_close(grads, control_grads, rtol=1e-5)
 
 `MODES` is a list of `(name, mode)` pairs for
@@ -108,8 +110,12 @@ def assert_gradients_close(step: Any, control: Callable | None, inputs: Nest,
                            **kwargs: Any) -> verify.GradientReport:
   """Asserts a step's outputs, loss and gradients match a reference.
 
-  >>> stepper.testing.assert_gradients_close(
-  ...     MyCell(4), keras.layers.GRU(4, return_sequences=True), x)
+  >>> x = tf.random.normal([2, 6, 3])
+  >>> report = stepper.testing.assert_gradients_close(
+  ...     keras.layers.GRUCell(4), keras.layers.GRU(4, return_sequences=True),
+  ...     x)
+  >>> report.ok
+  True
 
   Args:
     step: The step under test (anything `stepper.model_rnn` runs).
@@ -138,13 +144,16 @@ class GradientTestCase(tf.test.TestCase, parameterized.TestCase):
   """A test case for the gradients of a new step; works with
   `parameterized.named_parameters`.
 
+  >>> from absl.testing import parameterized
   >>> class MyCellTest(stepper.testing.GradientTestCase):
   ...   @parameterized.named_parameters(("f32", "float32"), ("f64", "float64"))
   ...   def test_gradients_match_keras_gru(self, dtype):
   ...     x = self.random_inputs([3, 7, 5], dtype)
   ...     self.assertGradientsClose(
-  ...         MyCell(4, dtype=dtype),
+  ...         keras.layers.GRUCell(4, dtype=dtype),
   ...         keras.layers.GRU(4, return_sequences=True, dtype=dtype), x)
+  >>> MyCellTest("test_gradients_match_keras_gru_f64").run().wasSuccessful()
+  True
   """
 
   def random_inputs(self, shape: list[int], dtype: Any = "float32",

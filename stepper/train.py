@@ -19,18 +19,19 @@ backpropagates `k2` steps, to step `(j+1)*k1 - k2`, whose entering state is a
 constant; exactly the gradient `stepper.tbptt.updates` defines.
 """
 
-# The engine's and tbptt's private helpers are shared in the package.
-# pylint: disable=protected-access
-
 import collections
 import time as time_lib
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Sequence
 
 import keras
 import tensorflow as tf
 from tensorflow.core.framework import summary_pb2
 
 from stepper import _checks
+from stepper import _loop
+from stepper import _targets
+from stepper import _train_args
+from stepper import callbacks as callbacks_lib
 from stepper import engine
 from stepper import steps as steps_lib
 from stepper import tbptt as tbptt_lib
@@ -55,9 +56,11 @@ class Trainer:
   ...                           optimizer=keras.optimizers.Adam(1e-2))
   >>> dataset = tf.data.Dataset.from_tensor_slices(
   ...     (tf.random.normal([64, 20, 2]), tf.random.normal([64, 1]))).batch(16)
-  >>> history = trainer.fit(dataset, epochs=2)   # a Progbar per epoch
-  >>> len(history["loss"])       # one mean training loss per epoch
-  2
+  >>> curve = stepper.BatchLosses()
+  >>> history = trainer.fit(dataset, epochs=2, callbacks=[curve],
+  ...                       verbose=0)  # verbose=1: a Progbar per epoch
+  >>> len(history["loss"]), len(curve.losses)  # per epoch, per batch
+  (2, 8)
 
   Dataset elements are `(inputs, targets)`. `inputs` is a tensor or nest,
   each leaf `[batch, time, ...]`. `targets` is either per step,
@@ -128,14 +131,14 @@ class Trainer:
       ValueError: If `tbptt` is not `None` or `(k1, k2)` with
         `1 <= k1 <= k2`, or `gradient_clip_norm` is not positive.
     """
-    self._strategy = _check_strategy(strategy)
+    self._strategy = _train_args.check_strategy(strategy)
     self._step = steps_lib.as_step(step)
     self._head = head
-    self._model = _with_head(self._step, head)
-    self._loss = _per_example_loss(loss)
-    self._optimizer = _check_optimizer(optimizer)
-    self._tbptt = _check_tbptt(tbptt)
-    self._clip = _check_clip_norm(gradient_clip_norm)
+    self._model = _train_args.with_head(self._step, head)
+    self._loss = _targets.per_example_loss(loss)
+    self._optimizer = _train_args.check_optimizer(optimizer)
+    self._tbptt = _train_args.check_tbptt(tbptt)
+    self._clip = _train_args.check_clip_norm(gradient_clip_norm)
     if jit_compile and self._tbptt is not None:
       raise ValueError(
           "`jit_compile=True` needs `tbptt=None`: truncated BPTT slices "
@@ -218,7 +221,7 @@ class Trainer:
     iterator = self._iterator(dataset)
     manager = self._checkpoint_manager(iterator, restore=not self._resumed)
     self._resumed = True
-    callbacks = _Callbacks(callbacks, self)
+    callbacks = callbacks_lib.Dispatcher(callbacks, self)
     self.stop_training = False
     callbacks.call("on_train_begin")
     for epoch in range(epochs):
@@ -286,7 +289,7 @@ class Trainer:
         element_spec[0])
     with self._strategy.scope():
       self._model(x_t, self._model.initial_state(1), False)
-      self._trainable = _unique(self._step.trainable_variables + (
+      self._trainable = _checks.unique_by_id(self._step.trainable_variables + (
           list(self._head.trainable_variables) if self._head is not None
           else []))
       if not self._trainable:
@@ -300,7 +303,7 @@ class Trainer:
                                         training=True)
 
   def _variables(self) -> list:
-    return _unique(self._step.variables + (
+    return _checks.unique_by_id(self._step.variables + (
         list(self._head.variables) if self._head is not None else []))
 
   def _checkpoint_manager(self, iterator, restore: bool):
@@ -325,7 +328,7 @@ class Trainer:
   # The epoch loop.
 
   def _run_epoch(self, iterator, epoch: int, epochs: int, steps: int | None,
-                 target: int | None, callbacks: "_Callbacks",
+                 target: int | None, callbacks: callbacks_lib.Dispatcher,
                  verbose: int) -> dict[str, float]:
     if verbose:
       print(f"Epoch {epoch + 1}/{epochs}")
@@ -408,14 +411,8 @@ class Trainer:
       `(loss_j, grad_norm, next_states)`; `next_states` (per replica)
       enter update `j + 1`'s window.
     """
-    self._traces["train"] += 1  # Runs only while tracing.
-    loss, grad_norm, states = self._strategy.run(
-        self._replica_tbptt_update, (inputs, targets, states, j))
-    with tf.control_dependencies(tf.nest.flatten(loss)):
-      self._global_step.assign_add(1)
-    return (self._strategy.reduce(_SUM, loss, axis=None),
-            self._strategy.reduce(tf.distribute.ReduceOp.MEAN, grad_norm,
-                                  axis=None), states)
+    return self._update_step(self._replica_tbptt_update, inputs, targets,
+                             states, j)
 
   def _replica_tbptt_update(self, inputs: Nest, targets: tf.Tensor,
                             states: Nest, j: tf.Tensor):
@@ -431,16 +428,25 @@ class Trainer:
     return loss * share, grad_norm, next_states
 
   def _train_step(self, iterator) -> tuple[tf.Tensor, tf.Tensor]:
+    """One full-BPTT update on the next batch: `(loss, grad_norm)`."""
+    return self._update_step(self._replica_update, *next(iterator))
+
+  def _update_step(self, replica_update, *args) -> tuple:
+    """One optimizer update: `replica_update(*args)` on every replica.
+
+    Returns:
+      `(loss, grad_norm, *rest)`: the loss summed over replicas (each
+      returns its share of the mean), the gradient norm, and what else
+      `replica_update` returns, per replica.
+    """
     self._traces["train"] += 1  # Runs only while tracing.
-    inputs, targets = next(iterator)
-    loss, grad_norm = self._strategy.run(self._replica_update,
-                                         (inputs, targets))
+    loss, grad_norm, *rest = self._strategy.run(replica_update, args)
     # After the update: no count for a call that found the data exhausted.
     with tf.control_dependencies(tf.nest.flatten(loss)):
       self._global_step.assign_add(1)
     return (self._strategy.reduce(_SUM, loss, axis=None),
             self._strategy.reduce(tf.distribute.ReduceOp.MEAN, grad_norm,
-                                  axis=None))
+                                  axis=None), *rest)
 
   def _replica_update(self, inputs: Nest, targets: tf.Tensor):
     """One optimizer update on this replica's share of the batch.
@@ -494,7 +500,8 @@ class Trainer:
     outputs, _ = engine.model_rnn(self._model, inputs, training=training,
                                   return_sequences=per_step)
     if per_step:  # Every step is an example for the loss: fold time.
-      outputs, targets = _fold_time(outputs), _fold_time(targets)
+      outputs = _loop.merge_leading_dims(outputs)
+      targets = _loop.merge_leading_dims(targets)
     per_example = tf.convert_to_tensor(self._loss(targets, outputs))
     per_example = tf.cast(per_example, outputs.dtype)
     return (tf.reduce_sum(per_example),
@@ -536,50 +543,8 @@ class Trainer:
 
     `inputs` and `targets` may be tensors or `tf.TensorSpec`s.
     """
-    flat = tf.nest.flatten(inputs)
-    batch, time = flat[0].shape[0], flat[0].shape[1]
-    x_spec = tf.nest.map_structure(
-        lambda x: tf.TensorSpec([batch] + x.shape[2:].as_list(), x.dtype),
-        inputs)
-    state_spec = tf.nest.map_structure(
-        lambda s: tf.TensorSpec(s.shape, s.dtype),
-        self._model.initial_state(1 if batch is None else batch))
-    y_spec, _ = self._model.output_spec(x_spec, state_spec, True)
-    if not isinstance(y_spec, tf.TensorSpec):
-      raise ValueError(
-          f"The predictions are nested ({y_spec}); a Trainer needs one "
-          "tensor per step. Add a head that returns one tensor.")
-    return _target_layout(targets, y_spec.shape, time,
-                          allow_sequence_level=self._tbptt is None)
-
-
-def _target_layout(targets: tf.Tensor, y_shape: tf.TensorShape,
-                   time: int | None, allow_sequence_level: bool) -> bool:
-  """True for per-step targets, False for sequence-level ones."""
-  y_shape = tf.TensorShape(y_shape)
-  per_step = tf.TensorShape([y_shape[0], time]).concatenate(y_shape[1:])
-  sparse = not targets.dtype.is_floating
-  layouts = [(True, per_step[:-1] if sparse else per_step)]
-  if allow_sequence_level:
-    layouts.insert(0, (False, y_shape[:-1] if sparse else y_shape))
-  if not sparse:  # A float target may still be a sparse label.
-    layouts.append((True, per_step[:-1]))
-    if allow_sequence_level:
-      layouts.append((False, y_shape[:-1]))
-  for is_per_step, shape in layouts:
-    if targets.shape.is_compatible_with(shape):
-      return is_per_step
-  expected = f"per-step targets {_checks.shape_str(per_step)}"
-  if allow_sequence_level:
-    expected += (f" or sequence-level targets {_checks.shape_str(y_shape)}"
-                 " (the last step's prediction)")
-  else:
-    expected += " (truncated BPTT needs a target at every step)"
-  raise ValueError(
-      f"targets have shape {_checks.shape_str(targets.shape)}, which matches "
-      f"no prediction: expected {expected}; for sparse labels drop the last "
-      f"dimension. The step (with the head) predicts "
-      f"{_checks.shape_str(y_shape)} per step.")
+    return _targets.per_step(self._model, inputs, targets,
+                             allow_sequence_level=self._tbptt is None)
 
 
 def _learning_rate(optimizer: keras.optimizers.Optimizer) -> float:
@@ -595,11 +560,6 @@ def _known_size(dataset: tf.data.Dataset) -> int | None:
   return size if size >= 0 else None
 
 
-def _fold_time(x: tf.Tensor) -> tf.Tensor:
-  """`[batch, time, ...]` -> `[batch * time, ...]`."""
-  return tf.reshape(x, tf.concat([[-1], tf.shape(x)[2:]], 0))
-
-
 def _global_norm(grads: list, ctx: tf.distribute.ReplicaContext) -> tf.Tensor:
   """The norm of the gradient summed over replicas."""
   grads = [g for g in grads if g is not None]
@@ -608,120 +568,3 @@ def _global_norm(grads: list, ctx: tf.distribute.ReplicaContext) -> tf.Tensor:
   return tf.linalg.global_norm(grads)
 
 
-def _unique(variables: Iterable) -> list:
-  seen, unique = set(), []
-  for v in variables:
-    if id(v) not in seen:
-      seen.add(id(v))
-      unique.append(v)
-  return unique
-
-
-def _with_head(step: steps_lib.Step, head: Any) -> steps_lib.Step:
-  """The step followed by `head` on its output at every time step."""
-  if head is None:
-    return step
-  if not callable(head):
-    raise TypeError(f"`head` must be a Keras layer (or None); got "
-                    f"{type(head).__name__}.")
-
-  def headed(call: Callable) -> Callable:
-    def fn(x_t, states, training):
-      y, new_states = call(x_t, states, training)
-      return head(y, training=training), new_states
-    return fn
-
-  return steps_lib.Step(
-      headed(step), name=f"{step.name} with head {getattr(head, 'name', '')!r}",
-      state_specs=step.state_specs, input_spec=step.input_spec,
-      initial_state_fn=step.initial_state,
-      start_fn=lambda batch, training: headed(step.start(batch, training)))
-
-
-def _per_example_loss(loss: Any) -> Callable:
-  """A callable `(y_true, y_pred) -> per-example loss` (not reduced)."""
-  if isinstance(loss, str):
-    try:
-      loss = keras.losses.get(loss)
-    except ValueError as e:
-      raise ValueError(f"`loss` {loss!r} is not a Keras loss name: {e}") from e
-  if isinstance(loss, keras.losses.Loss):
-    return loss.call  # Unreduced; the trainer takes the mean itself.
-  if not callable(loss):
-    raise TypeError("`loss` must be a Keras loss or a callable (y_true, "
-                    f"y_pred) -> per-example loss; got {type(loss).__name__}.")
-  return loss
-
-
-def _check_optimizer(optimizer: Any) -> keras.optimizers.Optimizer:
-  if not isinstance(optimizer, keras.optimizers.Optimizer):
-    raise TypeError("`optimizer` must be a keras.optimizers.Optimizer, e.g. "
-                    f"keras.optimizers.Adam(1e-3); got "
-                    f"{type(optimizer).__name__}.")
-  return optimizer
-
-
-def _check_strategy(strategy: Any) -> tf.distribute.Strategy:
-  if strategy is None:
-    return tf.distribute.get_strategy()
-  if not isinstance(strategy, tf.distribute.Strategy):
-    raise TypeError("`strategy` must be a tf.distribute.Strategy (or None); "
-                    f"got {type(strategy).__name__}.")
-  return strategy
-
-
-def _check_tbptt(tbptt: Any) -> tuple[int, int] | None:
-  if tbptt is None:
-    return None
-  if (not isinstance(tbptt, (tuple, list)) or len(tbptt) != 2 or
-      any(isinstance(k, bool) or not isinstance(k, int) for k in tbptt)):
-    raise ValueError(f"`tbptt` must be None or a pair of ints (k1, k2); got "
-                     f"{tbptt!r}.")
-  k1, k2 = tbptt
-  if not 1 <= k1 <= k2:
-    raise ValueError(
-        f"`tbptt` = (k1, k2) = ({k1}, {k2}) needs 1 <= k1 <= k2: every k1 "
-        "steps an update backpropagates k2 steps, which must cover the k1 "
-        "steps it takes the loss on.")
-  return k1, k2
-
-
-def _check_clip_norm(clip: Any) -> float | None:
-  if clip is None:
-    return None
-  if isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip <= 0:
-    raise ValueError(f"`gradient_clip_norm` must be a positive number or "
-                     f"None; got {clip!r}.")
-  return float(clip)
-
-
-class BatchLosses(keras.callbacks.Callback):
-  """Collects the training loss of every batch (the learning curve).
-
-  >>> curve = stepper.BatchLosses()
-  >>> trainer.fit(dataset, callbacks=[curve])
-  >>> curve.losses  # One float per batch, in order.
-  """
-
-  def __init__(self):
-    super().__init__()
-    self.losses: list[float] = []
-
-  def on_train_batch_end(self, batch, logs=None):
-    self.losses.append(logs["loss"])
-
-
-class _Callbacks:
-  """Dispatches the Keras callback hooks a custom loop can honour."""
-
-  def __init__(self, callbacks: Sequence[Any] | None, trainer: Trainer):
-    self._callbacks = list(callbacks or [])
-    for callback in self._callbacks:
-      if hasattr(callback, "set_model"):
-        callback.set_model(trainer)
-
-  def call(self, hook: str, *args) -> None:
-    for callback in self._callbacks:
-      method = getattr(callback, hook, None)
-      if method is not None:
-        method(*args)

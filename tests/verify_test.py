@@ -20,6 +20,7 @@ import tensorflow as tf
 from _cells import NestedCell, NestedInput
 import stepper
 from stepper import verify
+from stepper.verify import report as verify_report
 
 _CELLS = {
     "simple_rnn": (keras.layers.SimpleRNNCell, keras.layers.SimpleRNN),
@@ -306,7 +307,7 @@ class ReportTest(tf.test.TestCase):
       self.assertIn(f"  {row.name}: max |err|", str(raised.exception))
 
   def test_row_errors_match_numpy(self):
-    row = verify._compare_values("x", "gradient", np.array([1.0, 2.5]),
+    row = verify_report.compare_values("x", "gradient", np.array([1.0, 2.5]),
                                  np.array([1.0, 2.0]), rtol=0.1, atol=0.0)
     self.assertAllClose([row.max_abs_error, row.max_rel_error],
                         [0.5, 0.25])

@@ -1,0 +1,75 @@
+"""The `stepper.Trainer` constructor's arguments, validated and assembled.
+
+A private module with public names: each `check_*` raises a TypeError or
+ValueError naming the argument, the expected and the received value;
+`with_head` puts the head on the step.
+"""
+
+from typing import Any, Callable
+
+import keras
+import tensorflow as tf
+
+from stepper import steps as steps_lib
+
+
+def with_head(step: steps_lib.Step, head: Any) -> steps_lib.Step:
+  """The step followed by `head` on its output at every time step."""
+  if head is None:
+    return step
+  if not callable(head):
+    raise TypeError(f"`head` must be a Keras layer (or None); got "
+                    f"{type(head).__name__}.")
+
+  def headed(call: Callable) -> Callable:
+    def fn(x_t, states, training):
+      y, new_states = call(x_t, states, training)
+      return head(y, training=training), new_states
+    return fn
+
+  return steps_lib.wrap_call(
+      step, headed,
+      name=f"{step.name} with head {getattr(head, 'name', '')!r}",
+      input_spec=step.input_spec, initial_state_fn=step.initial_state)
+
+
+def check_optimizer(optimizer: Any) -> keras.optimizers.Optimizer:
+  if not isinstance(optimizer, keras.optimizers.Optimizer):
+    raise TypeError("`optimizer` must be a keras.optimizers.Optimizer, e.g. "
+                    f"keras.optimizers.Adam(1e-3); got "
+                    f"{type(optimizer).__name__}.")
+  return optimizer
+
+
+def check_strategy(strategy: Any) -> tf.distribute.Strategy:
+  if strategy is None:
+    return tf.distribute.get_strategy()
+  if not isinstance(strategy, tf.distribute.Strategy):
+    raise TypeError("`strategy` must be a tf.distribute.Strategy (or None); "
+                    f"got {type(strategy).__name__}.")
+  return strategy
+
+
+def check_tbptt(tbptt: Any) -> tuple[int, int] | None:
+  if tbptt is None:
+    return None
+  if (not isinstance(tbptt, (tuple, list)) or len(tbptt) != 2 or
+      any(isinstance(k, bool) or not isinstance(k, int) for k in tbptt)):
+    raise ValueError(f"`tbptt` must be None or a pair of ints (k1, k2); got "
+                     f"{tbptt!r}.")
+  k1, k2 = tbptt
+  if not 1 <= k1 <= k2:
+    raise ValueError(
+        f"`tbptt` = (k1, k2) = ({k1}, {k2}) needs 1 <= k1 <= k2: every k1 "
+        "steps an update backpropagates k2 steps, which must cover the k1 "
+        "steps it takes the loss on.")
+  return k1, k2
+
+
+def check_clip_norm(clip: Any) -> float | None:
+  if clip is None:
+    return None
+  if isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip <= 0:
+    raise ValueError(f"`gradient_clip_norm` must be a positive number or "
+                     f"None; got {clip!r}.")
+  return float(clip)
