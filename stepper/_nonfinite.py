@@ -65,6 +65,9 @@ class NonfiniteReport:
   >>> report.first("forward").step, report.ok
   (0, False)
   >>> print(report)  # a table of every finding
+  find_nonfinite(cell 'gru_cell...'): 1 non-finite quantities
+  pass quantity leaf step rows value
+  forward input inputs 0 0,1 inf
   """
 
   def __init__(self, title: str, time: int, findings: list[Finding]):
@@ -156,10 +159,7 @@ def _with_state_probe(inner: steps_lib.Step) -> steps_lib.Step:
       return call(x_t, tf.nest.map_structure(tf.add, states, d_t), training)
     return fn
 
-  return steps_lib.Step(
-      wrap(inner), name=inner.name, state_specs=inner.state_specs,
-      start_fn=lambda batch, training: wrap(inner.start(batch, training)),
-      module=inner.module)
+  return steps_lib.wrap_call(inner, wrap, name=inner.name, module=inner.module)
 
 
 def _mean_square(outputs: Nest) -> tf.Tensor:

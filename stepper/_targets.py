@@ -83,10 +83,7 @@ def layout(targets: tf.Tensor, y_shape: tf.TensorShape,
 def per_example_loss(loss: Any) -> Callable:
   """A callable `(y_true, y_pred) -> per-example loss` (not reduced)."""
   if isinstance(loss, str):
-    try:
-      loss = keras.losses.get(loss)
-    except ValueError as e:
-      raise ValueError(f"`loss` {loss!r} is not a Keras loss name: {e}") from e
+    loss = _checks.check_loss(loss)  # A Keras loss, by name.
   if isinstance(loss, keras.losses.Loss):
     return loss.call  # Unreduced; the trainer takes the mean itself.
   if not callable(loss):

@@ -22,6 +22,7 @@ from typing import Any
 import tensorflow as tf
 
 from stepper import _checks
+from stepper import _loop
 
 Nest = Any
 
@@ -87,17 +88,14 @@ def streams(inputs: Nest, targets: Nest, *, batch_size: int, window: int,
   # would read a list in the nest as one tensor (so lists become tuples).
   order = _lists_to_tuples((parts["inputs"], parts["targets"]) + (
       (parts["resets"],) if resets is not None else ()))
-  flat = [_swap01(tf.reshape(t[:batch_size * length], tf.concat(
-      [[batch_size, length], tf.shape(t)[1:]], 0)))
+  flat = [_loop.swap_batch_time(tf.reshape(
+      t[:batch_size * length],
+      tf.concat([[batch_size, length], tf.shape(t)[1:]], 0)))
           for t in tf.nest.flatten(order)]
   dataset = tf.data.Dataset.from_tensor_slices(tuple(flat)).batch(
       window, drop_remainder=drop_remainder)
   return dataset.map(lambda *leaves: tuple(tf.nest.pack_sequence_as(
-      order, [_swap01(t) for t in leaves])))
-
-def _swap01(x: tf.Tensor) -> tf.Tensor:
-  """Swaps the first two axes (`[a, b, ...]` -> `[b, a, ...]`)."""
-  return tf.transpose(x, [1, 0] + list(range(2, x.shape.rank)))
+      order, [_loop.swap_batch_time(t) for t in leaves])))
 
 
 def _lists_to_tuples(structure: Nest) -> Nest:

@@ -17,9 +17,9 @@ asked for (the outputs, their gradient, the inputs' gradient).
 
 The per-step logic (masks, resets, sequence lengths, output selection) is the
 engine's own step body (`_loop.Loop.run_segment`), so the gradients are those
-of the plain engine: same operations, same order. The recomputation reads the step's
-weights once per segment (`_fastpath.read_once`), as the plain engine does
-once per run: under XLA a read per step would be stacked per step.
+of the plain engine: same operations, same order. The recomputation reads the
+step's weights once per segment (`_fastpath.read_once`), as the plain engine
+does once per run: under XLA a read per step would be stacked per step.
 
 Replay: variables the step writes (the `SeedGenerator` state behind Keras
 dropout, a `tf.random.Generator`, batch-norm moving statistics) are rewound

@@ -15,10 +15,10 @@ reports into test assertions for a new cell.
 from typing import Any, Callable
 
 from absl.testing import parameterized
-import keras
 import numpy as np
 import tensorflow as tf
 
+from stepper import _checks
 from stepper import verify
 
 Nest = Any
@@ -49,11 +49,6 @@ def in_mode(fn: Callable, mode: str) -> Callable:
 default_tolerance = verify.default_tolerance
 
 
-def _path_names(structure: Nest, name: str) -> list[str]:
-  return [name + "".join(f"[{p!r}]" for p in path)
-          for path, _ in keras.tree.flatten_with_path(structure)]
-
-
 def assert_nests_close(actual: Nest, expected: Nest, *,
                        rtol: float | None = None, atol: float = 0.0,
                        name: str = "actual") -> None:
@@ -77,7 +72,7 @@ def assert_nests_close(actual: Nest, expected: Nest, *,
   except (ValueError, TypeError) as e:
     raise AssertionError(f"{name} is not nested like the reference: {e}")
   problems = []
-  names = _path_names(actual, name)
+  names = _checks.leaf_paths(actual, name)
   for path, a, e in zip(names, tf.nest.flatten(actual),
                         tf.nest.flatten(expected)):
     if a is None or e is None:

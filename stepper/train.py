@@ -49,13 +49,13 @@ _SCALAR_METADATA = summary_pb2.SummaryMetadata(
 class Trainer:
   """Trains a step model (or a stack) plus an optional Keras head.
 
-  >>> x_t, h = keras.Input((2,)), keras.Input((16,))
-  >>> y_t, new_h = keras.layers.GRUCell(16)(x_t, [h])
+  >>> x_t, h = keras.Input((2,)), keras.Input((8,))
+  >>> y_t, new_h = keras.layers.GRUCell(8)(x_t, [h])
   >>> step = keras.Model([x_t, h], [y_t, new_h[0]])
   >>> trainer = stepper.Trainer(step, keras.layers.Dense(1), loss="mse",
   ...                           optimizer=keras.optimizers.Adam(1e-2))
   >>> dataset = tf.data.Dataset.from_tensor_slices(
-  ...     (tf.random.normal([64, 20, 2]), tf.random.normal([64, 1]))).batch(16)
+  ...     (tf.random.normal([32, 10, 2]), tf.random.normal([32, 1]))).batch(8)
   >>> curve = stepper.BatchLosses()
   >>> history = trainer.fit(dataset, epochs=2, callbacks=[curve],
   ...                       verbose=0)  # verbose=1: a Progbar per epoch

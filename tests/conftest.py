@@ -1,9 +1,5 @@
 """pytest configuration shared by the test suite."""
 
-import os
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
 
 def pytest_collection_modifyitems(config, items):
   # tf.test.TestCase ships a deprecated `test_session` method that pytest

@@ -397,34 +397,6 @@ class ShapesAndModesTest(tf.test.TestCase, parameterized.TestCase):
         self.cell, self.x, parallel_iterations=1, swap_memory=True), expected)
 
 
-class TrainableStateTest(tf.test.TestCase):
-
-  def test_learned_initial_state_gets_gradients(self):
-    keras.utils.set_random_seed(5)
-    cell = keras.layers.LSTMCell(UNITS)
-    init = stepper.TrainableState(cell, initializer="random_normal")
-    x = tf.random.normal([BATCH, TIME, FEATURES])
-    with tf.GradientTape() as tape:
-      states = init(x)
-      outputs, _ = stepper.model_rnn(cell, x, states)
-      loss = tf.reduce_sum(outputs ** 2)
-    grads = tape.gradient(loss, init.trainable_variables)
-    self.assertLen(grads, 2)
-    # Reference: the same values passed as explicit, watched initial states.
-    h0 = [tf.tile(v[None], [BATCH, 1]) for v in init.trainable_variables]
-    with tf.GradientTape() as tape:
-      tape.watch(h0)
-      outputs, _ = stepper.model_rnn(cell, x, h0)
-      loss = tf.reduce_sum(outputs ** 2)
-    per_row = tape.gradient(loss, h0)
-    testing.assert_nests_close(
-        grads, [tf.reduce_sum(g, 0) for g in per_row], rtol=1e-5, atol=1e-6)
-
-  def test_raises_on_callable_step(self):
-    with self.assertRaisesRegex(ValueError, "declares its states"):
-      stepper.TrainableState(lambda x, s: (x, s))
-
-
 class BadInputTest(tf.test.TestCase, parameterized.TestCase):
   """Each bad input raises a clear error, eagerly and inside tf.function."""
 

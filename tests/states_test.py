@@ -1,5 +1,6 @@
-"""Tests of `stepper.TrainableState`'s batch sizes: every documented form
-(`int | tf.Tensor`, numpy ints, a sequence) gives the same states.
+"""Tests of `stepper.TrainableState`: gradients against explicit, watched
+initial states; every documented batch size form (`int | tf.Tensor`, numpy
+ints, a sequence) gives the same states; errors.
 
 Reference: the learned values tiled by hand (`tf.tile`).
 """
@@ -10,6 +11,9 @@ import numpy as np
 import tensorflow as tf
 
 import stepper
+from stepper import testing
+
+BATCH, TIME, FEATURES, UNITS = 3, 5, 4, 6
 
 
 class TrainableStateBatchSizeTest(tf.test.TestCase, parameterized.TestCase):
@@ -44,3 +48,38 @@ class TrainableStateBatchSizeTest(tf.test.TestCase, parameterized.TestCase):
     with self.assertRaisesRegex(tf.errors.InvalidArgumentError,
                                 r"`batch_size` must be >= 0.*-2"):
       run(tf.constant(-2))
+
+
+class TrainableStateTest(tf.test.TestCase):
+
+  def test_learned_initial_state_gets_gradients(self):
+    keras.utils.set_random_seed(5)
+    cell = keras.layers.LSTMCell(UNITS)
+    init = stepper.TrainableState(cell, initializer="random_normal")
+    x = tf.random.normal([BATCH, TIME, FEATURES])
+    with tf.GradientTape() as tape:
+      states = init(x)
+      outputs, _ = stepper.model_rnn(cell, x, states)
+      loss = tf.reduce_sum(outputs ** 2)
+    grads = tape.gradient(loss, init.trainable_variables)
+    self.assertLen(grads, 2)
+    # Reference: the same values passed as explicit, watched initial states.
+    h0 = [tf.tile(v[None], [BATCH, 1]) for v in init.trainable_variables]
+    with tf.GradientTape() as tape:
+      tape.watch(h0)
+      outputs, _ = stepper.model_rnn(cell, x, h0)
+      loss = tf.reduce_sum(outputs ** 2)
+    per_row = tape.gradient(loss, h0)
+    testing.assert_nests_close(
+        grads, [tf.reduce_sum(g, 0) for g in per_row], rtol=1e-5, atol=1e-6)
+
+  def test_raises_on_callable_step(self):
+    with self.assertRaisesRegex(ValueError, "declares its states"):
+      stepper.TrainableState(lambda x, s: (x, s))
+
+  def test_raises_on_unknown_state_dimensions(self):
+    step = stepper.Step(lambda x, s: (x, s), name="open",
+                        state_specs=[tf.TensorSpec([None, None])])
+    with self.assertRaisesRegex(ValueError,
+                                r"State 0 of open has shape \(None, None\)"):
+      stepper.TrainableState(step)

@@ -33,8 +33,8 @@ def _lookup(variables: Sequence[tf.Variable], key: Any, side: str) -> int:
   if len(matches) != 1:
     raise ValueError(
         f"`weight_map` key {key!r} matches {len(matches)} {side} variables; "
-        f"it must match one of {[_common.var_name(v) for v in variables]} (or be "
-        "an index).")
+        "it must match one of "
+        f"{[_common.var_name(v) for v in variables]} (or be an index).")
   return matches[0]
 
 
@@ -69,14 +69,16 @@ def _pair_variables(step_vars: Sequence[tf.Variable],
       missing = [v for v in variables if not any(v is u for u in used)]
       if missing:
         raise ValueError(
-            f"`weight_map` leaves {side} variable {_common.var_name(missing[0])!r} "
+            f"`weight_map` leaves {side} variable "
+            f"{_common.var_name(missing[0])!r} "
             "unmapped; every trainable variable of both models must appear "
             "once so that its gradient can be compared.")
   for i, (s, c) in enumerate(pairs):
     if s.shape != c.shape:
       raise ValueError(
-          f"Cannot map weights: step variable {i} {_common.var_name(s)!r} has shape "
-          f"{tuple(s.shape)} but control variable {_common.var_name(c)!r} has shape "
+          f"Cannot map weights: step variable {i} {_common.var_name(s)!r} has "
+          f"shape {tuple(s.shape)} but control variable "
+          f"{_common.var_name(c)!r} has shape "
           f"{tuple(c.shape)}. Check that both models have the same layers "
           "and units, or pass `weight_map`.")
   return pairs
@@ -201,10 +203,12 @@ def compare(step: Any, control: Callable, inputs: Nest, *,
       a variable has another dtype than `dtype`, or the outputs differ in
       nesting or shape.
   """
-  dtype = _common.resolve_dtype(dtype, _common.float_inputs(inputs, "inputs", None))
+  dtype = _common.resolve_dtype(
+      dtype, _common.float_inputs(inputs, "inputs", None))
   inputs = _common.float_inputs(inputs, "inputs", dtype)
   if initial_states is not None:
-    initial_states = _common.float_inputs(initial_states, "initial_states", dtype)
+    initial_states = _common.float_inputs(initial_states, "initial_states",
+                                          dtype)
   run_step, step_name, step_variables = _step_runner(
       step, control, inputs, initial_states, mask)
   run_control = lambda: _call_control(control, inputs, initial_states, mask)
@@ -220,8 +224,8 @@ def compare(step: Any, control: Callable, inputs: Nest, *,
     for s, c in pairs:
       c.assign(s)
   else:
-    rows += [report.compare_values(f"weight {_common.var_name(s)}", "weight", s, c, rtol,
-                             atol) for s, c in pairs]
+    rows += [report.compare_values(f"weight {_common.var_name(s)}", "weight",
+                                   s, c, rtol, atol) for s, c in pairs]
 
   loss = loss or _common.mean_square
   watched = [inputs] + ([] if initial_states is None else [initial_states])
@@ -230,13 +234,13 @@ def compare(step: Any, control: Callable, inputs: Nest, *,
       [s for s, _ in pairs])
   y_c, loss_c, dx_c, dv_c = _common.gradients(run_control, loss, watched,
                                        [c for _, c in pairs])
-  for name, a, e in zip(_checks.leaf_paths(y_s, "outputs"), tf.nest.flatten(y_s),
-                        tf.nest.flatten(y_c)):
+  for name, a, e in zip(_checks.leaf_paths(y_s, "outputs"),
+                        tf.nest.flatten(y_s), tf.nest.flatten(y_c)):
     rows.append(report.compare_values(name, "output", a, e, rtol, atol))
   rows.append(report.compare_values("loss", "loss", loss_s, loss_c, rtol, atol))
   for (s, _), a, e in zip(pairs, dv_s, dv_c):
-    rows.append(report.compare_values(f"grad {_common.var_name(s)}", "gradient", a, e,
-                                rtol, atol))
+    rows.append(report.compare_values(f"grad {_common.var_name(s)}",
+                                      "gradient", a, e, rtol, atol))
   names = _common.input_names(inputs, initial_states)
   for name, a, e in zip(names, tf.nest.flatten(dx_s), tf.nest.flatten(dx_c)):
     rows.append(report.compare_values(name, "gradient", a, e, rtol, atol))

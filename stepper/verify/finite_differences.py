@@ -58,8 +58,8 @@ def numerical(step: Any, inputs: Nest, *, initial_states: Nest | None = None,
   `stepper.model_rnn`. Cost control: at most `max_coordinates` coordinates
   per tensor, sampled with `seed` (two engine runs each).
 
-  >>> cell = keras.layers.LSTMCell(4, dtype="float64")
-  >>> x = tf.random.normal([2, 5, 3], dtype=tf.float64)
+  >>> cell = keras.layers.LSTMCell(2, dtype="float64")
+  >>> x = tf.random.normal([2, 4, 3], dtype=tf.float64)
   >>> stepper.verify.numerical(cell, x, max_coordinates=8).assert_ok()
 
   Args:

@@ -1,4 +1,4 @@
-"""`GradientReport`: rows of compared quantities, each with errors and a verdict.
+"""`GradientReport`: rows of compared quantities, each with errors, a verdict.
 
 `compare_values` makes one `Row` from an actual and an expected tensor; every
 check of `stepper.verify` reports through it.
