@@ -243,7 +243,7 @@ def _from_model(model: keras.Model) -> Step:
                        f"nested like state input {i + 1}: {e}") from None
     for a, b in zip(tf.nest.flatten(state_in), tf.nest.flatten(state_out)):
       if (not tf.TensorShape(a.shape).is_compatible_with(b.shape)
-          or a.dtype != b.dtype):
+          or not _castable(b.dtype, a.dtype)):
         raise ValueError(
             f"{name}: output {i + 1} (new state {i}) has shape "
             f"{_checks.shape_str(b.shape)} and dtype {b.dtype}, but state "
@@ -255,7 +255,13 @@ def _from_model(model: keras.Model) -> Step:
   def call(x_t, states, training):
     out = model([x_t, *states] if n_states else x_t, training=training)
     out = _top_level(out)
-    return out[0], list(out[1:])
+    # Under mixed precision the new states come out in the compute dtype
+    # (bfloat16) while the state inputs are float32: the state keeps its
+    # input's dtype from step to step.
+    new_states = [tf.nest.map_structure(
+        lambda new, spec: tf.cast(new, spec.dtype), new, spec)
+                  for new, spec in zip(out[1:], state_specs)]
+    return out[0], new_states
 
   fn, start = _with_dropout(call, model)
 
@@ -267,6 +273,13 @@ def _from_model(model: keras.Model) -> Step:
   return Step(fn, name=name, state_specs=state_specs,
               input_spec=tf.nest.map_structure(_spec_of, inputs[0]),
               initial_state_fn=initial_state, start_fn=start, module=model)
+
+
+def _castable(new: Any, state: Any) -> bool:
+  """Whether a new state of dtype `new` may carry a state of dtype `state`:
+  the same dtype, or two floating dtypes (mixed precision)."""
+  new, state = tf.as_dtype(new), tf.as_dtype(state)
+  return new == state or (new.is_floating and state.is_floating)
 
 
 def _cell_state_structure(cell: Any) -> Nest:

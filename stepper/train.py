@@ -421,10 +421,12 @@ class Trainer:
     self._targets_per_step(inputs, targets)  # Checks the targets' shape.
     loss, grads, next_states = self._updater.update(inputs, targets,
                                                     states, j)
+    if loss.dtype.size < 4:  # Mixed precision: report it in float32.
+      loss = tf.cast(loss, tf.float32)
     # `loss` is this replica's mean; weight it by its share of the rows.
     rows = tf.cast(tf.shape(targets)[0], loss.dtype)
     share = rows / ctx.all_reduce(_SUM, rows)
-    grad_norm = self._apply([g * share for g in grads], ctx)
+    grad_norm = self._apply([g * share for g in grads], ctx, scaled=False)
     return loss * share, grad_norm, next_states
 
   def _train_step(self, iterator) -> tuple[tf.Tensor, tf.Tensor]:
@@ -461,14 +463,22 @@ class Trainer:
         [None if g is None else g / total for g in grads], ctx)
     return loss_sum / total, grad_norm
 
-  def _apply(self, grads: list, ctx: tf.distribute.ReplicaContext):
+  def _apply(self, grads: list, ctx: tf.distribute.ReplicaContext,
+             scaled: bool = True):
     """Clips and applies this replica's share of the gradient.
 
     Each replica's gradient is its share of the global mean's gradient; the
-    optimizer sums the shares over replicas. Returns the global norm before
-    clipping.
+    optimizer sums the shares over replicas. `scaled`: the gradient is that
+    of the loss scaled by `optimizer.scale_loss` (a LossScaleOptimizer's
+    `apply` divides by its scale; other optimizers' scale is 1). Returns the
+    global norm of the unscaled gradient before clipping.
     """
+    scale = tf.convert_to_tensor(self._optimizer.scale_loss(1.0))
+    if not scaled:
+      grads = [None if g is None else g * tf.cast(scale, g.dtype)
+               for g in grads]
     grad_norm = _global_norm(grads, ctx)
+    grad_norm /= tf.cast(scale, grad_norm.dtype)
     if self._clip is not None:
       factor = self._clip / tf.maximum(grad_norm, self._clip)
       grads = [None if g is None else g * factor for g in grads]
@@ -483,7 +493,10 @@ class Trainer:
     """Sum of per-example losses, their count, and the sum's gradient."""
     with tf.GradientTape() as tape:
       loss_sum, count = self._loss_sum(inputs, targets, training=True)
-    return loss_sum, count, tape.gradient(loss_sum, self._trainable)
+      # Scaled by a keras.optimizers.LossScaleOptimizer (mixed_float16),
+      # whose `apply` unscales; 1 for every other optimizer.
+      scaled = self._optimizer.scale_loss(loss_sum)
+    return loss_sum, count, tape.gradient(scaled, self._trainable)
 
   def _eval_step(self, iterator) -> tuple[tf.Tensor, tf.Tensor]:
     self._traces["evaluate"] += 1
@@ -502,8 +515,11 @@ class Trainer:
     if per_step:  # Every step is an example for the loss: fold time.
       outputs = _loop.merge_leading_dims(outputs)
       targets = _loop.merge_leading_dims(targets)
+    # Mixed precision: the loss in float32, as Keras computes its losses.
+    dtype = tf.float32 if outputs.dtype.size < 4 else outputs.dtype
+    outputs = tf.cast(outputs, dtype)
     per_example = tf.convert_to_tensor(self._loss(targets, outputs))
-    per_example = tf.cast(per_example, outputs.dtype)
+    per_example = tf.cast(per_example, dtype)
     return (tf.reduce_sum(per_example),
             tf.cast(tf.size(per_example), outputs.dtype))
 
