@@ -16,8 +16,18 @@ from stepper import steps as steps_lib
 Nest = Any
 
 
+def inputs_error(name: str, inputs: Nest, model: Any,
+                 error: Exception) -> ValueError:
+  """The error for a dataset whose inputs the step (with its head) cannot
+  take, naming the dataset argument and the inputs' shapes."""
+  shapes = tf.nest.map_structure(lambda s: _checks.shape_str(s.shape), inputs)
+  return ValueError(
+      f"`{name}` inputs have shape {shapes}, but {model.name} fails on one "
+      f"step of them ([batch] + their shape after [batch, time]): {error}")
+
+
 def per_step(model: steps_lib.Step, inputs: Nest, targets: Any,
-             allow_sequence_level: bool) -> bool:
+             allow_sequence_level: bool, name: str = "dataset") -> bool:
   """Whether `targets` are per step (else sequence-level).
 
   Args:
@@ -26,13 +36,14 @@ def per_step(model: steps_lib.Step, inputs: Nest, targets: Any,
     targets: A tensor or `tf.TensorSpec`.
     allow_sequence_level: Whether sequence-level targets are allowed (not
       with truncated BPTT).
+    name: The dataset's argument name, for messages.
 
   Returns:
     True for per-step targets, False for sequence-level ones.
 
   Raises:
-    ValueError: If the predictions are nested or `targets` fit neither
-      layout.
+    ValueError: If the step fails on the inputs, the predictions are
+      nested or `targets` fit neither layout.
   """
   flat = tf.nest.flatten(inputs)
   batch, time = flat[0].shape[0], flat[0].shape[1]
@@ -42,7 +53,10 @@ def per_step(model: steps_lib.Step, inputs: Nest, targets: Any,
   state_spec = tf.nest.map_structure(
       lambda s: tf.TensorSpec(s.shape, s.dtype),
       model.initial_state(1 if batch is None else batch))
-  y_spec, _ = model.output_spec(x_spec, state_spec, True)
+  try:
+    y_spec, _ = model.output_spec(x_spec, state_spec, True)
+  except (ValueError, TypeError, tf.errors.InvalidArgumentError) as e:
+    raise inputs_error(name, inputs, model, e) from e
   if not isinstance(y_spec, tf.TensorSpec):
     raise ValueError(
         f"The predictions are nested ({y_spec}); a Trainer needs one "

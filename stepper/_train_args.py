@@ -10,6 +10,7 @@ from typing import Any, Callable
 import keras
 import tensorflow as tf
 
+from stepper import _checks
 from stepper import steps as steps_lib
 
 
@@ -69,7 +70,6 @@ def check_tbptt(tbptt: Any) -> tuple[int, int] | None:
 def check_clip_norm(clip: Any) -> float | None:
   if clip is None:
     return None
-  if isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip <= 0:
-    raise ValueError(f"`gradient_clip_norm` must be a positive number or "
-                     f"None; got {clip!r}.")
-  return float(clip)
+  # NaN passed `clip <= 0` and turned every weight into NaN; so did inf
+  # (the clip factor inf / inf).
+  return _checks.check_number(clip, "gradient_clip_norm", positive=True)

@@ -34,6 +34,31 @@ class BatchLosses(keras.callbacks.Callback):
     self.losses.append(logs["loss"])
 
 
+_HOOKS = ("on_train_begin", "on_train_end", "on_epoch_begin", "on_epoch_end",
+          "on_train_batch_begin", "on_train_batch_end")
+
+
+def check_callbacks(callbacks: Any) -> list:
+  """`callbacks` as a list; each must have at least one hook.
+
+  Raises:
+    TypeError: If `callbacks` is not a list/tuple (one callback passed
+      bare) or an entry has none of the hooks.
+  """
+  if callbacks is None:
+    return []
+  if not isinstance(callbacks, (list, tuple)):
+    raise TypeError(f"`callbacks` must be a list of Keras callbacks; got "
+                    f"one {type(callbacks).__name__}. Pass [callback].")
+  for i, callback in enumerate(callbacks):
+    if not any(hasattr(callback, hook) for hook in _HOOKS):
+      raise TypeError(f"`callbacks`[{i}] is {callback!r} of type "
+                      f"{type(callback).__name__}, which has none of the "
+                      f"hooks {_HOOKS}; pass keras.callbacks.Callback "
+                      "objects.")
+  return list(callbacks)
+
+
 class Dispatcher:
   """Calls a hook on every callback that has it.
 
@@ -43,7 +68,7 @@ class Dispatcher:
   """
 
   def __init__(self, callbacks: Sequence[Any] | None, model: Any):
-    self._callbacks = list(callbacks or [])
+    self._callbacks = check_callbacks(callbacks)
     for callback in self._callbacks:
       if hasattr(callback, "set_model"):
         callback.set_model(model)

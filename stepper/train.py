@@ -274,7 +274,7 @@ class Trainer:
 
   # Building and checkpoints.
 
-  def _build(self, element_spec: tuple) -> None:
+  def _build(self, element_spec: tuple, name: str = "dataset") -> None:
     """Creates every variable inside the strategy's scope, then the
     optimizer's slots.
 
@@ -288,7 +288,11 @@ class Trainer:
         lambda s: tf.zeros([1] + s.shape[2:].as_list(), s.dtype),
         element_spec[0])
     with self._strategy.scope():
-      self._model(x_t, self._model.initial_state(1), False)
+      try:
+        self._model(x_t, self._model.initial_state(1), False)
+      except (ValueError, TypeError, tf.errors.InvalidArgumentError) as e:
+        raise _targets.inputs_error(name, element_spec[0], self._model,
+                                    e) from e
       self._trainable = _checks.unique_by_id(self._step.trainable_variables + (
           list(self._head.trainable_variables) if self._head is not None
           else []))
@@ -549,18 +553,20 @@ class Trainer:
     if not isinstance(targets_spec, tf.TensorSpec):
       raise ValueError(f"`{name}` targets must be one tensor; got "
                        f"{targets_spec}.")
-    self._build(spec)
+    self._build(spec, name)
     # Here, not only while tracing: the error is then raised as it is.
-    self._targets_per_step(inputs_spec, targets_spec)
+    self._targets_per_step(inputs_spec, targets_spec, name)
 
-  def _targets_per_step(self, inputs: Nest, targets: tf.Tensor) -> bool:
+  def _targets_per_step(self, inputs: Nest, targets: tf.Tensor,
+                        name: str = "dataset") -> bool:
     """Whether `targets` are per step (else sequence-level); see the class
     docstring for the rule. Raises a ValueError if they fit neither.
 
     `inputs` and `targets` may be tensors or `tf.TensorSpec`s.
     """
     return _targets.per_step(self._model, inputs, targets,
-                             allow_sequence_level=self._tbptt is None)
+                             allow_sequence_level=self._tbptt is None,
+                             name=name)
 
 
 def _learning_rate(optimizer: keras.optimizers.Optimizer) -> float:
