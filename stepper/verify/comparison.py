@@ -142,6 +142,21 @@ def _aligned(outputs: Nest, alignment: str) -> Nest:
   return tf.nest.map_structure(lambda y: y[:, -1], outputs)
 
 
+def _check_compare_args(control: Any, weight_map: Any, rtol: Any,
+                        atol: Any) -> None:
+  if not callable(control):
+    raise TypeError("`control` must be a full-sequence Keras layer or model "
+                    f"(called on the inputs); got {control!r} of type "
+                    f"{type(control).__name__}.")
+  if weight_map is not None and not isinstance(weight_map, Mapping):
+    raise TypeError("`weight_map` must be a dict {step variable: control "
+                    "variable} (variables, names or indices); got a "
+                    f"{type(weight_map).__name__}: {weight_map!r}.")
+  if rtol is not None:
+    _checks.check_number(rtol, "rtol", positive=False)
+  _checks.check_number(atol, "atol", positive=False)
+
+
 def compare(step: Any, control: Callable, inputs: Nest, *,
             loss: Callable[[Nest], tf.Tensor] | None = None,
             initial_states: Nest | None = None, mask: Any = None,
@@ -198,11 +213,14 @@ def compare(step: Any, control: Callable, inputs: Nest, *,
     A `GradientReport` whose "actual" side is the step, reference the control.
 
   Raises:
-    TypeError: For non-floating inputs or dtype.
-    ValueError: If the weights cannot be mapped (naming the first mismatch),
+    TypeError: For non-floating inputs or dtype, a `control` that is not
+      callable, or a `weight_map` that is not a mapping.
+    ValueError: For a negative or non-finite `rtol`/`atol` (every row would
+      fail), if the weights cannot be mapped (naming the first mismatch),
       a variable has another dtype than `dtype`, or the outputs differ in
       nesting or shape.
   """
+  _check_compare_args(control, weight_map, rtol, atol)
   dtype = _common.resolve_dtype(
       dtype, _common.float_inputs(inputs, "inputs", None))
   inputs = _common.float_inputs(inputs, "inputs", dtype)

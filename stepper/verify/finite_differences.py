@@ -82,10 +82,16 @@ def numerical(step: Any, inputs: Nest, *, initial_states: Nest | None = None,
 
   Raises:
     TypeError: For non-floating inputs or states.
-    ValueError: If the step has a variable that is not float64, or
-      `max_coordinates` is not a positive integer.
+    ValueError: If the step has a variable that is not float64,
+      `max_coordinates` is not a positive integer, `epsilon` is not a
+      positive finite number, or `rtol`/`atol` are negative or not finite
+      (every row would fail).
   """
   _checks.check_positive_int(max_coordinates, "max_coordinates")
+  _checks.check_number(epsilon, "epsilon", positive=True)
+  if rtol is not None:
+    _checks.check_number(rtol, "rtol", positive=False)
+  _checks.check_number(atol, "atol", positive=False)
   inputs = _common.float_inputs(inputs, "inputs", tf.float64)
   states = (None if initial_states is None else
             _common.float_inputs(initial_states, "initial_states", tf.float64))
