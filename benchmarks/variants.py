@@ -2,8 +2,11 @@
 
 Every variant steps the same `keras.layers.LSTMCell` (the Keras built-ins
 `keras.layers.LSTM`/`GRU` bring their own fused kernels and weights), so the
-differences measured are the cost of the loop, not of the cell. Each variant
-is two functions of the input `x` `[batch, time, features]`:
+differences measured are the cost of the loop, not of the cell. The `_gru`
+and `_model` variants step a `GRUCell` and an LSTM written as a functional
+step model (`make_step_model`), each against its own hand-written loop
+(`while_loop_gru`, `while_loop_model`). Each variant is two functions of the
+input `x` `[batch, time, features]`:
 
 * `train(x)`: the loss `mean(outputs ** 2)` and the gradients of every
   trainable weight (forward+backward);
@@ -80,13 +83,21 @@ def _input_array(x: tf.Tensor) -> tuple[tf.TensorArray, int | tf.Tensor]:
 
 
 def hand_written_loop(cell: keras.layers.Layer, x: tf.Tensor) -> tf.Tensor:
-  """The floor: a minimal `tf.while_loop` + `TensorArray` around the cell."""
+  """The floor: a minimal `tf.while_loop` + `TensorArray` around the cell
+  (or around a step model `[x_t, *states] -> [y_t, *new_states]`)."""
   inputs, time = _input_array(x)
   outputs = tf.TensorArray(x.dtype, size=time)
-  states = cell.get_initial_state(batch_size=tf.shape(x)[0])
+  if isinstance(cell, keras.Model):
+    states = [tf.zeros([tf.shape(x)[0], s.shape[-1]], x.dtype)
+              for s in cell.inputs[1:]]
+    call = lambda x_t, states: (lambda out: (out[0], out[1:]))(
+        cell([x_t, *states]))
+  else:
+    states = cell.get_initial_state(batch_size=tf.shape(x)[0])
+    call = cell
 
   def body(t, states, outputs):
-    y, states = cell(inputs.read(t), states)
+    y, states = call(inputs.read(t), states)
     return t + 1, states, outputs.write(t, y)
 
   _, _, outputs = tf.while_loop(lambda t, *_: t < time, body,
@@ -139,12 +150,64 @@ def matmul_skeleton(cell: keras.layers.LSTMCell, x: tf.Tensor,
   return [d_kernel, d_recurrent, dh]
 
 
-def _skeleton(cell: keras.layers.LSTMCell, *,
-              jit_compile: bool) -> tuple[Callable, Callable]:
-  return (tf.function(lambda x: matmul_skeleton(cell, x),
+def recurrent_skeleton(cell: keras.layers.LSTMCell, x: tf.Tensor,
+                       backward: bool = True) -> list[tf.Tensor]:
+  """The bound with the input half hoisted: `matmul_skeleton`'s recurrence
+  with `x @ kernel` done for all steps before the loop and `x^T dz` after it.
+
+  Forward: `p = x @ kernel` as one `[batch * time, features]` matmul, then
+  per step `z = p_t + h @ recurrent_kernel`, `h = tanh(z[:, :units])`;
+  backward per step `dz = z_t + tile(dh)`, `dh = dz @ recurrent_kernel^T`,
+  `h_{t-1}^T dz` accumulated, and `dz` kept; then `d_kernel = x^T dz` as one
+  matmul. Three matmuls per step, the ones that depend on the state: what
+  any loop that hoists the input half must still do step by step.
+
+  Returns:
+    `[d_kernel, d_recurrent_kernel, dh_0]` (or `[h_T]` without `backward`).
+  """
+  kernel, recurrent = cell.kernel, cell.recurrent_kernel
+  units = recurrent.shape[0]
+  xs = _time_major(x)
+  time = xs.shape[0] if xs.shape[0] is not None else tf.shape(xs)[0]
+  rows = tf.reshape(xs, [-1, xs.shape[-1]])
+  projected = tf.reshape(tf.matmul(rows, kernel),
+                         tf.concat([tf.shape(xs)[:2], [4 * units]], 0))
+  inputs = tf.TensorArray(x.dtype, size=time).unstack(projected)
+  zs = tf.TensorArray(x.dtype, size=time)
+  hs = tf.TensorArray(x.dtype, size=time)
+  h0 = tf.zeros([tf.shape(x)[0], units], x.dtype)
+
+  def forward(t, h, zs, hs):
+    z = inputs.read(t) + tf.matmul(h, recurrent)
+    return t + 1, tf.tanh(z[:, :units]), zs.write(t, z), hs.write(t, h)
+
+  _, h, zs, hs = tf.while_loop(lambda t, *_: t < time, forward,
+                               (0, h0, zs, hs))
+  if not backward:
+    return [h]
+  dzs = tf.TensorArray(x.dtype, size=time)
+
+  def backward_step(t, dh, d_recurrent, dzs):
+    dz = zs.read(t) + tf.tile(dh, [1, 4])
+    return (t - 1, tf.matmul(dz, recurrent, transpose_b=True),
+            d_recurrent + tf.matmul(hs.read(t), dz, transpose_a=True),
+            dzs.write(t, dz))
+
+  _, dh, d_recurrent, dzs = tf.while_loop(
+      lambda t, *_: t >= 0, backward_step,
+      (time - 1, tf.zeros_like(h), tf.zeros_like(recurrent), dzs))
+  d_kernel = tf.matmul(rows, tf.reshape(dzs.stack(), [-1, 4 * units]),
+                       transpose_a=True)
+  return [d_kernel, d_recurrent, dh]
+
+
+def _skeleton(cell: keras.layers.LSTMCell, *, jit_compile: bool,
+              skeleton: Callable = matmul_skeleton
+              ) -> tuple[Callable, Callable]:
+  return (tf.function(lambda x: skeleton(cell, x),
                       jit_compile=jit_compile),
           tf.function(lambda x: tf.reduce_sum(
-              matmul_skeleton(cell, x, backward=False)[0]),
+              skeleton(cell, x, backward=False)[0]),
                       jit_compile=jit_compile))
 
 
@@ -178,7 +241,11 @@ def _model_rnn_unroll4(cell: keras.layers.Layer, x: tf.Tensor) -> tf.Tensor:
 
 def _plain_model_rnn(cell: keras.layers.Layer, x: tf.Tensor) -> tf.Tensor:
   with _fastpath.disabled():  # Active while tracing, where it matters.
-    return stepper.model_rnn(cell, x)[0]
+    return stepper.model_rnn(cell, x, hoist=False)[0]
+
+
+def _unhoisted_model_rnn(cell: keras.layers.Layer, x: tf.Tensor) -> tf.Tensor:
+  return stepper.model_rnn(cell, x, hoist=False)[0]
 
 
 def _run_chunks(gradient: str, chunk_size: int) -> Callable:
@@ -205,6 +272,35 @@ def _builtin(layer_class: type, config: Config) -> tuple[Callable, Callable]:
   layer.build((config.batch, config.time, config.features))
   return (tf.function(_trainer(layer, layer.trainable_variables)),
           tf.function(_inferer(layer)))
+
+
+def make_gru(config: Config, seed: int = 0) -> keras.layers.GRUCell:
+  """The GRU cell of the `_gru` variants, built for `config`."""
+  keras.utils.set_random_seed(seed)
+  cell = keras.layers.GRUCell(config.units)
+  cell.build((config.batch, config.features))
+  return cell
+
+
+def make_step_model(config: Config, seed: int = 0) -> keras.Model:
+  """An LSTM written as a functional step model `[x_t, h, c] -> [h, h, c]`:
+  `LayerNormalization` and a `Dense` projection of `x_t` (hoistable), a
+  `Dense` of `h`, and the gates in `keras.ops`."""
+  keras.utils.set_random_seed(seed)
+  x = keras.Input((config.features,))
+  h, c = keras.Input((config.units,)), keras.Input((config.units,))
+  p = keras.layers.Dense(4 * config.units)(keras.layers.LayerNormalization()(x))
+  z = p + keras.layers.Dense(4 * config.units, use_bias=False)(h)
+  i, f, g, o = keras.ops.split(z, 4, axis=-1)
+  c_new = keras.ops.sigmoid(f) * c + keras.ops.sigmoid(i) * keras.ops.tanh(g)
+  h_new = keras.ops.sigmoid(o) * keras.ops.tanh(c_new)
+  return keras.Model([x, h, c], [h_new, h_new, c_new])
+
+
+def _with(make: Callable, forward: Callable, config: Config, *,
+          jit_compile: bool = False) -> tuple[Callable, Callable]:
+  """`_graph` around a step of its own (`make(config)`), not the shared cell."""
+  return _graph(forward, make(config), jit_compile=jit_compile)
 
 
 # name -> (description, builder(config, cell, chunk_size) -> (train, infer)).
@@ -241,6 +337,14 @@ _BUILDERS = {
     "stepper_xla_unroll4": (
         "stepper.model_rnn(unroll=4) in tf.function(jit_compile=True)",
         lambda c, cell, k: _graph(_model_rnn_unroll4, cell, jit_compile=True)),
+    "stepper_nohoist": (
+        "stepper.model_rnn(hoist=False): x_t @ kernel inside the loop, "
+        "tf.function",
+        lambda c, cell, k: _graph(_unhoisted_model_rnn, cell)),
+    "stepper_nohoist_xla": (
+        "stepper.model_rnn(hoist=False) in tf.function(jit_compile=True)",
+        lambda c, cell, k: _graph(_unhoisted_model_rnn, cell,
+                                  jit_compile=True)),
     "stepper_plain": (
         "stepper.model_rnn without its fast paths (before), tf.function",
         lambda c, cell, k: _graph(_plain_model_rnn, cell)),
@@ -257,6 +361,36 @@ _BUILDERS = {
     "matmul_skeleton_xla": (
         "lower bound: the cell's five matmuls per step alone, no gates (XLA)",
         lambda c, cell, k: _skeleton(cell, jit_compile=True)),
+    "recurrent_skeleton": (
+        "lower bound with the input half hoisted: three matmuls per step "
+        "(tf.function)",
+        lambda c, cell, k: _skeleton(cell, jit_compile=False,
+                                     skeleton=recurrent_skeleton)),
+    "recurrent_skeleton_xla": (
+        "lower bound with the input half hoisted: three matmuls per step "
+        "(XLA)",
+        lambda c, cell, k: _skeleton(cell, jit_compile=True,
+                                     skeleton=recurrent_skeleton)),
+    "while_loop_gru": (
+        "hand-written loop around a GRUCell (the floor for the _gru rows)",
+        lambda c, cell, k: _with(make_gru, hand_written_loop, c)),
+    "stepper_gru": (
+        "stepper.model_rnn(GRUCell) in tf.function",
+        lambda c, cell, k: _with(make_gru, _model_rnn, c)),
+    "stepper_gru_xla": (
+        "stepper.model_rnn(GRUCell) in tf.function(jit_compile=True)",
+        lambda c, cell, k: _with(make_gru, _model_rnn, c, jit_compile=True)),
+    "while_loop_model": (
+        "hand-written loop around an LSTM step model (the floor for the "
+        "_model rows)",
+        lambda c, cell, k: _with(make_step_model, hand_written_loop, c)),
+    "stepper_model": (
+        "stepper.model_rnn(LSTM step model) in tf.function",
+        lambda c, cell, k: _with(make_step_model, _model_rnn, c)),
+    "stepper_model_xla": (
+        "stepper.model_rnn(LSTM step model) in tf.function(jit_compile=True)",
+        lambda c, cell, k: _with(make_step_model, _model_rnn, c,
+                                 jit_compile=True)),
     "run_chunks_through": (
         "stepper.run_chunks(gradient='through') in tf.function",
         lambda c, cell, k: _graph(_run_chunks("through", k), cell)),

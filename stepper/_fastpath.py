@@ -208,3 +208,29 @@ def output_array(spec: tf.TensorSpec, size: Any,
     shape = tf.concat([[size, batch], spec.shape[1:]], 0)
     return SequenceBuffer(tf.zeros(shape, spec.dtype))
   return tf.TensorArray(spec.dtype, size=size, element_shape=spec.shape)
+
+
+def keras_producer(tensor: Any) -> tuple[Any, list] | None:
+  """The operation that computed a symbolic Keras tensor, and its inputs.
+
+  For `stepper._hoist`'s walk of a functional step model: Keras 3 lists a
+  model's layers (`model.operations`) but exposes no public link from a
+  `KerasTensor` to the call that produced it, so this reads the graph
+  metadata `keras.Function` itself walks (`_keras_history`,
+  `_inbound_nodes`).
+
+  Args:
+    tensor: A `KerasTensor` of a functional model.
+
+  Returns:
+    `(operation, input_tensors)`, or None for a model input (or a tensor
+    with no history).
+  """
+  history = getattr(tensor, "_keras_history", None)
+  if history is None or history[0] is None:
+    return None
+  operation, node_index, _ = history
+  node = operation._inbound_nodes[node_index]  # pylint: disable=protected-access
+  if node.is_input:
+    return None
+  return operation, list(node.input_tensors)

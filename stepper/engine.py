@@ -39,6 +39,7 @@ def model_rnn(
     zero_output_for_mask: bool = False,
     resets: tf.Tensor | None = None,
     remat: int | str | None = None,
+    hoist: bool = True,
     _reset_to: Nest | None = None,
 ) -> tuple[Nest, Nest] | tuple[Nest, Nest, Nest]:
   """Runs a one-step model over every time step of `inputs`.
@@ -98,6 +99,13 @@ def model_rnn(
       picks `k = ceil(sqrt(steps))` at run time. Same gradients as `None`
       (keep every step's activations). Variables the step writes (dropout
       seeds) are replayed.
+    hoist: Compute the step's input half for all steps at once, before the
+      loop (one `[time * batch, features] x [features, k * units]` matmul for
+      a built-in Keras cell; the layers a functional step model applies to
+      `x_t` alone; the `project` of a `stepper.steps.split` step), and run
+      only the rest in the loop. Same results up to float rounding. Steps
+      that do not split run as they are. `False` runs the whole step at
+      every step.
     _reset_to: Private (for `stepper.chunking`): the states a reset sets,
       nested like the states, when they differ from `initial_states` (a
       chunk starts from the carried state but resets to the run's start).
@@ -151,6 +159,14 @@ def model_rnn(
     controls = controls._replace(resets=None if controls.resets is None else
                                  _loop.reverse_rows(controls.resets,
                                                     controls.lengths))
+  split = step.split(training) if hoist else None
+  if split is not None:  # The input half, for all steps at once.
+    projected = split.project(
+        tf.nest.pack_sequence_as(x_structure, flat_x), training,
+        1 if in_layout and not time_major else 0)
+    step = split.core
+    x_structure = tf.nest.map_structure(lambda _: 0, projected)
+    flat_x = tf.nest.flatten(projected)
   loop = _loop.Loop(step, x_structure, y_spec, states, controls,
                     reset_to=states if _reset_to is None else _reset_to,
                     training=training, reverse=reverse and not reverse_rows,

@@ -92,15 +92,21 @@ class Stack(steps_lib.Step):
       generator = (tf.random.Generator.from_non_deterministic_state()
                    if seed is None else tf.random.Generator.from_seed(seed))
 
-    def start(batch_size, training):
-      calls = [layer.start(batch_size, training) for layer in layers]
-      seeds = None
-      if generator is not None and len(layers) > 1 and (
-          isinstance(training, tf.Tensor) or training):
-        # One seed per layer boundary, drawn once per run: every step reuses
-        # it.
-        seeds = tf.unstack(generator.make_seeds(len(layers) - 1), axis=1)
-      return lambda x, s, tr: body(calls, seeds, training, x, s, tr)
+    def split(training):
+      # The bottom layer's input half is the stack's (unless layer 0 adds
+      # its input to its output: the core would need `x_t` too).
+      bottom = None if residual[0] else layers[0].split(training)
+      if bottom is None:
+        return None
+      core_layers = [bottom.core, *layers[1:]]
+      core_body = _Body(core_layers, residual, return_all_outputs, rate)
+      return bottom._replace(core=steps_lib.Step(
+          lambda x, s, tr: core_body(core_layers, None, None, x, s, tr),
+          name=f"{self.name} (input half hoisted)",
+          state_specs=self.state_specs,
+          initial_state_fn=lambda batch: _initial_states(core_layers, batch),
+          start_fn=_starter(core_layers, core_body, generator),
+          module=_Layers(core_layers)))
 
     specs = [layer.state_specs for layer in layers]
     super().__init__(
@@ -110,7 +116,24 @@ class Stack(steps_lib.Step):
         state_specs=None if any(s is None for s in specs) else tuple(specs),
         input_spec=layers[0].input_spec,
         initial_state_fn=lambda batch: _initial_states(layers, batch),
-        start_fn=start, module=_Layers(layers))
+        start_fn=_starter(layers, body, generator), module=_Layers(layers),
+        split_fn=split)
+
+
+def _starter(layers: list[steps_lib.Step], body: "_Body",
+             generator: tf.random.Generator | None) -> Callable:
+  """The stack's `start`: every layer's, and the run's dropout seeds."""
+
+  def start(batch_size, training):
+    calls = [layer.start(batch_size, training) for layer in layers]
+    seeds = None
+    if generator is not None and len(layers) > 1 and (
+        isinstance(training, tf.Tensor) or training):
+      # One seed per layer boundary, drawn once per run: every step reuses it.
+      seeds = tf.unstack(generator.make_seeds(len(layers) - 1), axis=1)
+    return lambda x, s, tr: body(calls, seeds, training, x, s, tr)
+
+  return start
 
 
 class _Layers:

@@ -23,6 +23,7 @@ import tensorflow as tf
 
 from stepper import _checks
 from stepper import _dropout
+from stepper import _hoist
 
 Nest = Any
 
@@ -44,9 +45,11 @@ class Step:
                input_spec: Nest | None = None,
                initial_state_fn: Callable[[tf.Tensor], Nest] | None = None,
                start_fn: Callable[..., Callable] | None = None,
-               module: Any = None):
+               module: Any = None,
+               split_fn: Callable[[Any], _hoist.Split | None] | None = None):
     self._fn = fn
     self._start_fn = start_fn
+    self._split_fn = split_fn
     self.name = name
     self.state_specs = state_specs
     self.input_spec = input_spec
@@ -71,6 +74,44 @@ class Step:
     if self._start_fn is None:
       return self
     return self._start_fn(batch_size, training)
+
+  def split(self, training: bool | tf.Tensor | None = None
+            ) -> _hoist.Split | None:
+    """The step cut into its input half and the rest, for hoisting.
+
+    The engine runs `split.project` once over the whole input sequence
+    before its loop and `split.core` (a `Step` taking the projected `x_t`)
+    at every step. Built-in Keras cells, functional step models (see
+    `stepper._hoist`) and `stepper.steps.split` steps split.
+
+    Args:
+      training: The run's training flag.
+
+    Returns:
+      `_hoist.Split(project, core)` with `core` a `Step`, or None where the
+      step does not split.
+    """
+    if self._split_fn is None:
+      return None
+    halves = self._split_fn(training)
+    if halves is None:
+      return None
+    return _hoist.Split(halves.project, self._core_step(halves.core))
+
+  def _core_step(self, core: Any) -> "Step":
+    if isinstance(core, Step):
+      return core
+
+    def start(batch_size, training):
+      self.start(batch_size, training)  # What the whole step draws per run.
+      return core_step
+
+    core_step = Step(lambda x, s, training: core(x, s, training),
+                     name=f"{self.name} (recurrent half)",
+                     state_specs=self.state_specs,
+                     initial_state_fn=self._initial_state_fn, start_fn=start,
+                     module=self.module)
+    return core_step
 
   @property
   def trainable_variables(self) -> list[tf.Variable]:
@@ -272,7 +313,8 @@ def _from_model(model: keras.Model) -> Step:
 
   return Step(fn, name=name, state_specs=state_specs,
               input_spec=tf.nest.map_structure(_spec_of, inputs[0]),
-              initial_state_fn=initial_state, start_fn=start, module=model)
+              initial_state_fn=initial_state, start_fn=start, module=model,
+              split_fn=lambda training: _hoist.model_split(model))
 
 
 def _castable(new: Any, state: Any) -> bool:
@@ -326,7 +368,8 @@ def _from_cell(cell: Any) -> Step:
 
   fn, start = _with_dropout(call, cell)
   return Step(fn, name=name, state_specs=state_specs,
-              initial_state_fn=initial_state, start_fn=start, module=cell)
+              initial_state_fn=initial_state, start_fn=start, module=cell,
+              split_fn=lambda training: _hoist.cell_split(cell, training))
 
 
 def _with_dropout(call: Callable, module: Any
@@ -388,3 +431,82 @@ def _from_callable(fn: Callable) -> Step:
     return tuple(result)
 
   return Step(step_fn, name=name, module=fn)
+
+
+def split(project: Callable[..., Nest], core: Any, *,
+          name: str | None = None) -> Step:
+  """A step `core(project(x_t), states)` whose `project` runs once per
+  sequence: stepper hoists it out of the loop.
+
+  `project` is the step's input half: it must compute each row from that
+  row of `x_t` alone, deterministically (a `Dense` layer, an embedding
+  lookup, a normalization over features; not dropout, not batch statistics).
+  The engine calls it once on all steps, with `time * batch` rows, before
+  its loop; the loop runs only `core`. `model_rnn(..., hoist=False)` calls
+  `project` inside the loop at every step instead, with the same result up
+  to float rounding.
+
+  >>> dense = keras.layers.Dense(8)
+  >>> def core(p_t, states):
+  ...   h = tf.tanh(p_t + 0.5 * states[0])
+  ...   return h, [h]
+  >>> step = stepper.steps.split(dense, core)
+  >>> x = tf.random.normal([4, 20, 3])
+  >>> outputs, _ = stepper.model_rnn(step, x, [tf.zeros([4, 8])])
+  >>> outputs.shape
+  TensorShape([4, 20, 8])
+
+  Args:
+    project: Maps `x_t` (a nest of `[rows, ...]` leaves) to the core's
+      input, row by row; may take a `training` keyword. A Keras layer or
+      model with weights is trained like the rest of the step.
+    core: The rest of the step: anything `stepper.model_rnn` accepts (a
+      step model, cell, callable or `Step`) taking the projected `x_t`.
+    name: Name for error messages.
+
+  Returns:
+    A `Step` with `core`'s states.
+  """
+  core_step = as_step(core)
+  if _accepts_training(project):
+    call = lambda x, training: project(x, training=training)
+  else:
+    call = lambda x, training: project(x)
+
+  def start(batch_size, training):
+    core_call = core_step.start(batch_size, training)
+    return lambda x, s, tr: core_call(call(x, tr), s, tr)
+
+  def project_sequence(x, training, time_axis):
+    del time_axis  # Row by row: either layout.
+    return _hoist.over_sequence(lambda rows: call(rows, training), x)
+
+  return Step(
+      lambda x, s, training: core_step(call(x, training), s, training),
+      name=name or f"split step ({core_step.name})",
+      state_specs=core_step.state_specs, start_fn=start,
+      initial_state_fn=core_step.initial_state, module=_Parts(project,
+                                                               core_step),
+      split_fn=lambda training: _hoist.Split(project_sequence, core_step))
+
+
+class _Parts:
+  """A split step's `module`: the variables of its two halves, each once."""
+
+  def __init__(self, *parts: Any):
+    self._parts = parts
+
+  def _unique(self, attr: str) -> list:
+    found = {}
+    for part in self._parts:
+      for v in getattr(part, attr, []):
+        found.setdefault(id(v), v)
+    return list(found.values())
+
+  @property
+  def trainable_variables(self) -> list:
+    return self._unique("trainable_variables")
+
+  @property
+  def variables(self) -> list:
+    return self._unique("variables")
