@@ -96,9 +96,14 @@ def markdown(results: dict) -> str:
       f"Measured on {m['cpu']} ({m['cpu_count']} cores), GPU: {m['gpus']}; "
       f"TensorFlow {m['tensorflow']}, Keras {m['keras']}, {m['date']}. "
       + rounds +
-      "All loop variants step the same `keras.layers.LSTMCell`; the "
-      "`matmul_skeleton` rows are a lower bound for any loop that runs the "
-      "cell step by step: its five matmuls per step alone, no gates.", ""]
+      "All loop variants step the same `keras.layers.LSTMCell`, except the "
+      "`_gru` rows (a `GRUCell`) and the `_model` rows (an LSTM written as "
+      "a functional step model), whose ratios are to their own hand-written "
+      "loop (`while_loop_gru`, `while_loop_model`). The `matmul_skeleton` "
+      "rows are a lower bound for any loop that runs the cell step by step: "
+      "its five matmuls per step alone, no gates; `recurrent_skeleton` is "
+      "the bound once the input half is hoisted: three matmuls per step.",
+      ""]
   for name, entry in results["configs"].items():
     lines += _config_table(name, entry)
   if "sweep" in results:

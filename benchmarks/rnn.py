@@ -158,8 +158,8 @@ def time_config(config: variants_lib.Config, options: Options) -> dict:
         {n: getattr(v, mode) for n, v in built.items()}, x,
         repeats=options.repeats, warmup=options.warmup, seed=options.seed,
         max_repeats={"eager_loop": options.eager_repeats})
-    floor = raw.get(variants_lib.FLOOR, {}).get("times_s")
     for name, r in raw.items():
+      floor = raw.get(variants_lib.floor_of(name), {}).get("times_s")
       result["variants"][name][mode] = dict(
           r, **timing.summarize(r["times_s"], floor))
   return result
@@ -200,7 +200,7 @@ def time_in_processes(options: Options) -> dict:
       for mode in options.modes:
         if mode not in entry:
           continue
-        floors = [p[name]["variants"].get(variants_lib.FLOOR, {})
+        floors = [p[name]["variants"].get(variants_lib.floor_of(variant), {})
                   .get(mode, {}).get("times_s") for p in per_process]
         merged[mode] = timing.pool(
             [p[name]["variants"][variant][mode] for p in per_process], floors)

@@ -274,14 +274,6 @@ def _builtin(layer_class: type, config: Config) -> tuple[Callable, Callable]:
           tf.function(_inferer(layer)))
 
 
-def make_gru(config: Config, seed: int = 0) -> keras.layers.GRUCell:
-  """The GRU cell of the `_gru` variants, built for `config`."""
-  keras.utils.set_random_seed(seed)
-  cell = keras.layers.GRUCell(config.units)
-  cell.build((config.batch, config.features))
-  return cell
-
-
 def make_step_model(config: Config, seed: int = 0) -> keras.Model:
   """An LSTM written as a functional step model `[x_t, h, c] -> [h, h, c]`:
   `LayerNormalization` and a `Dense` projection of `x_t` (hoistable), a
@@ -295,6 +287,10 @@ def make_step_model(config: Config, seed: int = 0) -> keras.Model:
   c_new = keras.ops.sigmoid(f) * c + keras.ops.sigmoid(i) * keras.ops.tanh(g)
   h_new = keras.ops.sigmoid(o) * keras.ops.tanh(c_new)
   return keras.Model([x, h, c], [h_new, h_new, c_new])
+
+
+def _make_gru(config: Config) -> keras.layers.GRUCell:
+  return make_cell(config, cell_class=keras.layers.GRUCell)
 
 
 def _with(make: Callable, forward: Callable, config: Config, *,
@@ -371,26 +367,6 @@ _BUILDERS = {
         "(XLA)",
         lambda c, cell, k: _skeleton(cell, jit_compile=True,
                                      skeleton=recurrent_skeleton)),
-    "while_loop_gru": (
-        "hand-written loop around a GRUCell (the floor for the _gru rows)",
-        lambda c, cell, k: _with(make_gru, hand_written_loop, c)),
-    "stepper_gru": (
-        "stepper.model_rnn(GRUCell) in tf.function",
-        lambda c, cell, k: _with(make_gru, _model_rnn, c)),
-    "stepper_gru_xla": (
-        "stepper.model_rnn(GRUCell) in tf.function(jit_compile=True)",
-        lambda c, cell, k: _with(make_gru, _model_rnn, c, jit_compile=True)),
-    "while_loop_model": (
-        "hand-written loop around an LSTM step model (the floor for the "
-        "_model rows)",
-        lambda c, cell, k: _with(make_step_model, hand_written_loop, c)),
-    "stepper_model": (
-        "stepper.model_rnn(LSTM step model) in tf.function",
-        lambda c, cell, k: _with(make_step_model, _model_rnn, c)),
-    "stepper_model_xla": (
-        "stepper.model_rnn(LSTM step model) in tf.function(jit_compile=True)",
-        lambda c, cell, k: _with(make_step_model, _model_rnn, c,
-                                 jit_compile=True)),
     "run_chunks_through": (
         "stepper.run_chunks(gradient='through') in tf.function",
         lambda c, cell, k: _graph(_run_chunks("through", k), cell)),
@@ -399,8 +375,36 @@ _BUILDERS = {
         lambda c, cell, k: _graph(_run_chunks("truncate", k), cell)),
 }
 
+# Other steps, each against its own hand-written loop (the `_gru`, `_model`
+# rows).
+for _suffix, _make, _what in (
+    ("gru", _make_gru, "GRUCell"),
+    ("model", make_step_model, "LSTM step model")):
+  _BUILDERS.update({
+      f"while_loop_{_suffix}": (
+          f"hand-written loop around a {_what} (the floor for the _{_suffix} "
+          "rows)",
+          lambda c, cell, k, make=_make: _with(make, hand_written_loop, c)),
+      f"stepper_{_suffix}": (
+          f"stepper.model_rnn({_what}) in tf.function",
+          lambda c, cell, k, make=_make: _with(make, _model_rnn, c)),
+      f"stepper_{_suffix}_xla": (
+          f"stepper.model_rnn({_what}) in tf.function(jit_compile=True)",
+          lambda c, cell, k, make=_make: _with(make, _model_rnn, c,
+                                               jit_compile=True)),
+  })
+
 NAMES = tuple(_BUILDERS)
 FLOOR = "while_loop"
+
+
+def floor_of(name: str) -> str:
+  """The hand-written loop a variant's ratio is taken to: `while_loop`, or
+  the `_gru` / `_model` rows' own loop."""
+  for suffix in ("_gru", "_model"):
+    if name.endswith(suffix) or name.endswith(suffix + "_xla"):
+      return FLOOR + suffix
+  return FLOOR
 
 
 def describe(name: str) -> str:
@@ -414,10 +418,12 @@ def unavailable(name: str) -> str | None:
   return None
 
 
-def make_cell(config: Config, seed: int = 0) -> keras.layers.LSTMCell:
-  """The LSTM cell shared by the loop variants, built for `config`."""
+def make_cell(config: Config, seed: int = 0,
+              cell_class: type = keras.layers.LSTMCell) -> keras.layers.Layer:
+  """The LSTM cell shared by the loop variants (or a `cell_class` cell),
+  built for `config`."""
   keras.utils.set_random_seed(seed)
-  cell = keras.layers.LSTMCell(config.units)
+  cell = cell_class(config.units)
   cell.build((config.batch, config.features))
   return cell
 

@@ -230,7 +230,8 @@ def keras_producer(tensor: Any) -> tuple[Any, list] | None:
   if history is None or history[0] is None:
     return None
   operation, node_index, _ = history
-  node = operation._inbound_nodes[node_index]  # pylint: disable=protected-access
+  nodes = operation._inbound_nodes  # pylint: disable=protected-access
+  node = nodes[node_index]
   if node.is_input:
     return None
   return operation, list(node.input_tensors)

@@ -307,8 +307,9 @@ def model_split(model: keras.Model) -> Split | None:
   model.
 
   Returns:
-    The `Split` (its projection a list of tensors), or None when nothing but `x_t` itself would be hoisted or the model
-    declares a fixed batch size.
+    The `Split` (its projection a list of tensors), or None when nothing
+    but `x_t` itself would be hoisted or the model declares a fixed batch
+    size.
   """
   if model not in _MODEL_SPLITS:
     _MODEL_SPLITS[model] = _model_split(model)

@@ -106,7 +106,7 @@ class Stack(steps_lib.Step):
           state_specs=self.state_specs,
           initial_state_fn=lambda batch: _initial_states(core_layers, batch),
           start_fn=_starter(core_layers, core_body, generator),
-          module=_Layers(core_layers)))
+          module=steps_lib.Composite(*core_layers)))
 
     specs = [layer.state_specs for layer in layers]
     super().__init__(
@@ -116,7 +116,7 @@ class Stack(steps_lib.Step):
         state_specs=None if any(s is None for s in specs) else tuple(specs),
         input_spec=layers[0].input_spec,
         initial_state_fn=lambda batch: _initial_states(layers, batch),
-        start_fn=_starter(layers, body, generator), module=_Layers(layers),
+        start_fn=_starter(layers, body, generator), module=steps_lib.Composite(*layers),
         split_fn=split)
 
 
@@ -134,25 +134,6 @@ def _starter(layers: list[steps_lib.Step], body: "_Body",
     return lambda x, s, tr: body(calls, seeds, training, x, s, tr)
 
   return start
-
-
-class _Layers:
-  """The stack's `module`: the variables of every layer, each once."""
-
-  def __init__(self, layers: list[steps_lib.Step]):
-    self.layers = layers
-
-  def _unique(self, attr: str) -> list:
-    return _checks.unique_by_id(v for layer in self.layers
-                                for v in getattr(layer, attr))
-
-  @property
-  def trainable_variables(self) -> list:
-    return self._unique("trainable_variables")
-
-  @property
-  def variables(self) -> list:
-    return self._unique("variables")
 
 
 class _Body:

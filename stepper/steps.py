@@ -485,23 +485,21 @@ def split(project: Callable[..., Nest], core: Any, *,
       lambda x, s, training: core_step(call(x, training), s, training),
       name=name or f"split step ({core_step.name})",
       state_specs=core_step.state_specs, start_fn=start,
-      initial_state_fn=core_step.initial_state, module=_Parts(project,
-                                                               core_step),
+      initial_state_fn=core_step.initial_state,
+      module=Composite(project, core_step),
       split_fn=lambda training: _hoist.Split(project_sequence, core_step))
 
 
-class _Parts:
-  """A split step's `module`: the variables of its two halves, each once."""
+class Composite:
+  """The `module` of a step made of parts (a stack's layers, a split step's
+  halves): the variables of every part, each once, in order."""
 
   def __init__(self, *parts: Any):
     self._parts = parts
 
   def _unique(self, attr: str) -> list:
-    found = {}
-    for part in self._parts:
-      for v in getattr(part, attr, []):
-        found.setdefault(id(v), v)
-    return list(found.values())
+    return _checks.unique_by_id(v for part in self._parts
+                                for v in getattr(part, attr, []))
 
   @property
   def trainable_variables(self) -> list:
