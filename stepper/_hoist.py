@@ -48,9 +48,22 @@ class Split(NamedTuple):
       sequences in the same layout.
     core: The rest of the step, `(p_t, states, training) -> (y_t,
       new_states)`.
+    module: What the core reads: an object with `trainable_variables` and
+      `variables`, or None when the core is a `Step` (which knows them).
+      Engines that declare the loop's variables (remat's custom gradient)
+      must not list the input half's (it runs outside the loop).
   """
   project: Callable[[Nest, Any, int], Nest]
   core: Any
+  module: Any = None
+
+
+class Variables:
+  """A `module`: the variables one half of a split step reads."""
+
+  def __init__(self, trainable: list, non_trainable: list):
+    self.trainable_variables = list(trainable)
+    self.variables = list(trainable) + list(non_trainable)
 
 
 def over_sequence(fn: Callable[[Nest], Nest], x: Nest) -> Nest:
@@ -124,7 +137,12 @@ def cell_split(cell: Any, training: Any) -> Split | None:
     core = _gru_core(cell, training)
   else:
     core = _simple_core(cell, training)
-  return Split(_cell_project(cell, training), core)
+  recurrent = [cell.recurrent_kernel]
+  if (cell.use_bias and isinstance(cell, keras.layers.GRUCell)
+      and cell.reset_after):
+    recurrent.append(cell.bias)  # Its recurrent half, bias[1].
+  return Split(_cell_project(cell, training), core,
+               Variables(recurrent, cell.non_trainable_variables))
 
 
 def _input_bias(cell) -> tf.Tensor | None:
@@ -344,7 +362,7 @@ def _model_split(model: keras.Model) -> Split | None:
                                               [flat[i] for i in where]))
     return out[0], list(out[1:])
 
-  return Split(project, core)
+  return Split(project, core, core_model)
 
 
 def _cut(x_leaves: list, outputs: list) -> list:

@@ -96,9 +96,10 @@ class Step:
     halves = self._split_fn(training)
     if halves is None:
       return None
-    return _hoist.Split(halves.project, self._core_step(halves.core))
+    return _hoist.Split(halves.project,
+                        self._core_step(halves.core, halves.module))
 
-  def _core_step(self, core: Any) -> "Step":
+  def _core_step(self, core: Any, module: Any) -> "Step":
     if isinstance(core, Step):
       return core
 
@@ -110,7 +111,7 @@ class Step:
                      name=f"{self.name} (recurrent half)",
                      state_specs=self.state_specs,
                      initial_state_fn=self._initial_state_fn, start_fn=start,
-                     module=self.module)
+                     module=module)
     return core_step
 
   @property
