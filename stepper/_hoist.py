@@ -108,40 +108,38 @@ _CELLS = (keras.layers.SimpleRNNCell, keras.layers.GRUCell,
 def cell_split(cell: Any, training: Any) -> Split | None:
   """The split of a built-in Keras cell, or None where it does not apply.
 
-  The input half is Keras' own: the input dropout mask (drawn through the
-  cell's `get_dropout_mask`, so a mask the cell has already drawn for this
-  run is reused), `x @ kernel` and the bias the cell adds on the input side.
+  The input half is Keras' own: `x @ kernel` and the bias the cell adds on
+  the input side.
 
   Args:
     cell: Any object; only a built `SimpleRNNCell`, `GRUCell` or `LSTMCell`
-      (exact class) splits.
-    training: The run's training flag. With dropout, only a Python bool
-      splits (a tensor flag keeps the per-step cell, which resolves it).
+      (exact class) without dropout splits.
+    training: The run's training flag (unused without dropout).
 
   Returns:
     The `Split`, or None for any other object, an unbuilt cell, mixed
-    precision (Keras casts the weights in `__call__`), or dropout with a
-    non-bool `training`.
+    precision (Keras casts the weights in `__call__`), or a cell with
+    `dropout` or `recurrent_dropout` (its masks are drawn per run by the
+    step's `start`; hoisting them is not done yet).
   """
+  del training
   if type(cell) not in _CELLS or not cell.built:
     return None
   if cell.compute_dtype != cell.variable_dtype:
     return None
-  dropping = cell.dropout > 0 or cell.recurrent_dropout > 0
-  if dropping and not isinstance(training, bool):
+  if cell.dropout > 0 or cell.recurrent_dropout > 0:
     return None
-  training = bool(training)
   if isinstance(cell, keras.layers.LSTMCell):
-    core = _lstm_core(cell, training)
+    core = _lstm_core(cell)
   elif isinstance(cell, keras.layers.GRUCell):
-    core = _gru_core(cell, training)
+    core = _gru_core(cell)
   else:
-    core = _simple_core(cell, training)
+    core = _simple_core(cell)
   recurrent = [cell.recurrent_kernel]
   if (cell.use_bias and isinstance(cell, keras.layers.GRUCell)
       and cell.reset_after):
     recurrent.append(cell.bias)  # Its recurrent half, bias[1].
-  return Split(_cell_project(cell, training), core,
+  return Split(_cell_project(cell), core,
                Variables(recurrent, cell.non_trainable_variables))
 
 
@@ -153,68 +151,25 @@ def _input_bias(cell) -> tf.Tensor | None:
   return cell.bias
 
 
-def _uses_input_mask(cell, training: bool) -> bool:
-  # SimpleRNNCell draws its mask whatever `training` says (and uses it only
-  # in training); LSTM and GRU draw it only in training. Either way the draw
-  # advances the seed generator, so it is mirrored here.
-  if isinstance(cell, keras.layers.SimpleRNNCell):
-    return cell.dropout > 0
-  return training and 0.0 < cell.dropout < 1.0
-
-
-def _cell_project(cell, training: bool) -> Callable:
-  def project(x, run_training, time_axis):
-    del run_training  # The split was made for `training`.
+def _cell_project(cell) -> Callable:
+  def project(x, training, time_axis):
+    del training, time_axis  # Row by row, no dropout: either layout.
     x = tf.convert_to_tensor(x)
     if x.dtype != cell.compute_dtype:  # As Keras' __call__ casts x_t.
       x = tf.cast(x, cell.compute_dtype)
     kernel = tf.convert_to_tensor(cell.kernel)
-    masks = [None]
-    if _uses_input_mask(cell, training):
-      one_step = tf.zeros(tf.concat([tf.shape(x)[:time_axis],
-                                     tf.shape(x)[time_axis + 1:]], 0),
-                          x.dtype)
-      mask = cell.get_dropout_mask(one_step)
-      if training:
-        masks = mask if isinstance(mask, (list, tuple)) else [mask]
-    kernels = tf.split(kernel, len(masks), axis=1) if len(masks) > 1 else [
-        kernel]
-    parts = []
-    for mask, k in zip(masks, kernels):
-      masked = x if mask is None else x * tf.expand_dims(mask, time_axis)
-      parts.append(over_sequence(lambda v, k=k: tf.matmul(v, k), masked))
-    projected = parts[0] if len(parts) == 1 else tf.concat(parts, -1)
+    projected = over_sequence(lambda rows: tf.matmul(rows, kernel), x)
     bias = _input_bias(cell)
     return projected if bias is None else projected + bias
 
   return project
 
 
-def _recurrent_inputs(cell, h, training: bool, gates: int) -> list:
-  """`h` per gate, times the recurrent dropout masks in training."""
-  if training and 0.0 < cell.recurrent_dropout < 1.0:
-    masks = cell.get_recurrent_dropout_mask(h)
-    if not isinstance(masks, (list, tuple)):
-      masks = [masks] * gates
-    return [h * m for m in masks]
-  return [h] * gates
-
-
-def _recurrent_matmul(hs: list, kernel: tf.Tensor, gates: int) -> tf.Tensor:
-  """`concat(hs[g] @ kernel_g)`: one matmul when every `hs[g]` is `h`."""
-  if all(h is hs[0] for h in hs):
-    return tf.matmul(hs[0], kernel)
-  return tf.concat([tf.matmul(h, k) for h, k in
-                    zip(hs, tf.split(kernel, gates, axis=1))], -1)
-
-
-def _lstm_core(cell, training: bool) -> Callable:
-  def core(p, states, run_training):
-    del run_training
+def _lstm_core(cell) -> Callable:
+  def core(p, states, training):
+    del training
     h, c = states
-    hs = _recurrent_inputs(cell, h, training, 4)
-    z = p + _recurrent_matmul(hs, tf.convert_to_tensor(cell.recurrent_kernel),
-                              4)
+    z = p + tf.matmul(h, tf.convert_to_tensor(cell.recurrent_kernel))
     z0, z1, z2, z3 = tf.split(z, 4, axis=1)
     i = cell.recurrent_activation(z0)
     f = cell.recurrent_activation(z1)
@@ -226,29 +181,28 @@ def _lstm_core(cell, training: bool) -> Callable:
   return core
 
 
-def _gru_core(cell, training: bool) -> Callable:
+def _gru_core(cell) -> Callable:
   units = cell.units
 
-  def core(p, states, run_training):
-    del run_training
+  def core(p, states, training):
+    del training
     h = states[0]
-    hs = _recurrent_inputs(cell, h, training, 3)
     kernel = tf.convert_to_tensor(cell.recurrent_kernel)
     x_z, x_r, x_h = tf.split(p, 3, axis=-1)
     if cell.reset_after:
-      inner = _recurrent_matmul(hs, kernel, 3)
+      inner = tf.matmul(h, kernel)
       if cell.use_bias:
         inner = inner + cell.bias[1]
       r_z, r_r, r_h = tf.split(inner, 3, axis=-1)
     else:
-      inner = _recurrent_matmul(hs[:2], kernel[:, :2 * units], 2)
+      inner = tf.matmul(h, kernel[:, :2 * units])
       r_z, r_r = tf.split(inner, 2, axis=-1)
     z = cell.recurrent_activation(x_z + r_z)
     r = cell.recurrent_activation(x_r + r_r)
     if cell.reset_after:
       r_h = r * r_h
     else:
-      r_h = tf.matmul(r * hs[2], kernel[:, 2 * units:])
+      r_h = tf.matmul(r * h, kernel[:, 2 * units:])
     hh = cell.activation(x_h + r_h)
     h = z * h + (1 - z) * hh
     return h, [h]
@@ -256,13 +210,10 @@ def _gru_core(cell, training: bool) -> Callable:
   return core
 
 
-def _simple_core(cell, training: bool) -> Callable:
-  def core(p, states, run_training):
-    del run_training
+def _simple_core(cell) -> Callable:
+  def core(p, states, training):
+    del training
     h = states[0]
-    mask = cell.get_recurrent_dropout_mask(h)  # Drawn as the cell does.
-    if training and mask is not None:
-      h = h * mask
     out = p + tf.matmul(h, tf.convert_to_tensor(cell.recurrent_kernel))
     if cell.activation is not None:
       out = cell.activation(out)
@@ -326,12 +277,26 @@ def model_split(model: keras.Model) -> Split | None:
 
   Returns:
     The `Split` (its projection a list of tensors), or None when nothing
-    but `x_t` itself would be hoisted or the model declares a fixed batch
-    size.
+    but `x_t` itself would be hoisted, the model declares a fixed batch
+    size, or it runs a Keras RNN cell with dropout.
   """
   if model not in _MODEL_SPLITS:
     _MODEL_SPLITS[model] = _model_split(model)
   return _MODEL_SPLITS[model]
+
+
+def _has_dropout_cells(model: keras.Model) -> bool:
+  """Whether a Keras RNN cell with dropout runs in the model (its masks are
+  drawn per run by the whole step's `start`, which the core does not
+  replay yet)."""
+  layers = list(model.operations)
+  while layers:
+    layer = layers.pop()
+    layers.extend(getattr(layer, "cells", []))  # StackedRNNCells.
+    if hasattr(layer, "get_dropout_mask") and (
+        getattr(layer, "dropout", 0) or getattr(layer, "recurrent_dropout", 0)):
+      return True
+  return False
 
 
 def _model_split(model: keras.Model) -> Split | None:
@@ -339,6 +304,8 @@ def _model_split(model: keras.Model) -> Split | None:
   x_leaves = tf.nest.flatten(inputs[0])
   if any(x.shape[0] is not None for x in x_leaves):
     return None  # A fixed batch size would reject `time * batch` rows.
+  if _has_dropout_cells(model):
+    return None
   outputs = tf.nest.flatten(model.output)
   cut = _cut(x_leaves, outputs)
   if all(any(t is x for x in x_leaves) for t in cut):
