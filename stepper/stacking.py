@@ -116,7 +116,8 @@ class Stack(steps_lib.Step):
         state_specs=None if any(s is None for s in specs) else tuple(specs),
         input_spec=layers[0].input_spec,
         initial_state_fn=lambda batch: _initial_states(layers, batch),
-        start_fn=_starter(layers, body, generator), module=steps_lib.Composite(*layers),
+        start_fn=_starter(layers, body, generator),
+        module=steps_lib.Composite(*layers),
         split_fn=split)
 
 
