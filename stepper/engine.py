@@ -159,6 +159,8 @@ def model_rnn(
     controls = controls._replace(resets=None if controls.resets is None else
                                  _loop.reverse_rows(controls.resets,
                                                     controls.lengths))
+  if not isinstance(hoist, bool):
+    raise TypeError(f"`hoist` must be a bool; got {hoist!r}.")
   split = step.split(training) if hoist else None
   if split is not None:  # The input half, for all steps at once.
     projected = split.project(

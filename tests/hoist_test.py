@@ -175,6 +175,10 @@ class EngineTest(parameterized.TestCase):
         lambda x: stepper.model_rnn(cell, x, hoist=False)[0], x)
     self.assertEqual((hoisted, per_step), (1, 2))
 
+  def test_hoist_raises_on_a_non_bool(self):
+    with self.assertRaisesRegex(TypeError, "`hoist` must be a bool; got 1"):
+      stepper.model_rnn(_cell("gru"), _data()[0], hoist=1)
+
   def test_stack_hoists_its_bottom_layer(self):
     x, rng = _data()
     cells = [_cell("gru"), _cell("lstm", features=UNITS)]
