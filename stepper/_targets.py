@@ -35,7 +35,7 @@ def per_step(model: steps_lib.Step, inputs: Nest, targets: Any,
     inputs: Tensors or `tf.TensorSpec`s, each leaf `[batch, time, ...]`.
     targets: A tensor or `tf.TensorSpec`.
     allow_sequence_level: Whether sequence-level targets are allowed (not
-      with truncated BPTT).
+      with truncated BPTT or in stream mode).
     name: The dataset's argument name, for messages.
 
   Returns:
@@ -86,7 +86,8 @@ def layout(targets: tf.Tensor, y_shape: tf.TensorShape,
     expected += (f" or sequence-level targets {_checks.shape_str(y_shape)}"
                  " (the last step's prediction)")
   else:
-    expected += " (truncated BPTT needs a target at every step)"
+    expected += (" (truncated BPTT needs a target at every step; so does "
+                 "stream mode)")
   raise ValueError(
       f"targets have shape {_checks.shape_str(targets.shape)}, which matches "
       f"no prediction: expected {expected}; for sparse labels drop the last "

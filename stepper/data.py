@@ -34,8 +34,11 @@ def streams(inputs: Nest, targets: Nest, *, batch_size: int, window: int,
 
   >>> text = np.arange(20)
   >>> ds = stepper.data.streams(text[:-1], text[1:], batch_size=2, window=3)
-  >>> [x.numpy().tolist() for x, _ in ds]
-  [[[0, 1, 2], [9, 10, 11]], [[3, 4, 5], [12, 13, 14]], [[6, 7, 8], [15, 16, 17]]]
+  >>> x, y = next(iter(ds))
+  >>> x.numpy().tolist()  # Steps 0-2 of stream 0, 9-11 of stream 1.
+  [[0, 1, 2], [9, 10, 11]]
+  >>> len(list(ds))  # 19 steps // 2 streams = 9 steps each: 3 windows.
+  3
 
   Args:
     inputs: Array, tensor or nest of them, each leaf `[N, ...]`: one long

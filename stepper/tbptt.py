@@ -168,7 +168,10 @@ class Updater:
             for j in range(sequence.n_updates)]
 
   def update(self, inputs: Nest, targets: Nest, states: Nest,
-             j: int | tf.Tensor) -> tuple[tf.Tensor, list[tf.Tensor], Nest]:
+             j: int | tf.Tensor, *, offset: int | tf.Tensor = 0,
+             resets: tf.Tensor | None = None,
+             reset_to: Nest | None = None
+             ) -> tuple[tf.Tensor, list[tf.Tensor], Nest]:
     """Update `j` alone, traceable: for a training loop's compiled step
     (e.g. per replica inside `strategy.run`, where a generator cannot run).
 
@@ -176,9 +179,17 @@ class Updater:
       inputs: Tensor or nest, each leaf `[batch, time, ...]`.
       targets: Like the step's outputs, each leaf `[batch, time, ...]`.
       states: The states entering update `j`'s window, i.e. after step
-        `max(0, (j + 1) * k1 - k2) - 1` (the initial states for the first
-        windows); a constant: no gradient reaches them.
+        `max(0, offset + (j + 1) * k1 - k2) - 1` (the initial states for
+        the first windows); a constant: no gradient reaches them.
       j: The update's index, a scalar int in `[0, ceil(time / k1))`.
+      offset: Steps of `inputs` before the update grid: update `j` takes the
+        loss on steps `[offset + j*k1, offset + (j+1)*k1)`. A stream's next
+        batch comes with the `offset = k2 - k1` steps before it, which its
+        first updates backpropagate through.
+      resets: Optional bool `[batch, time]`: where True, the row's state is
+        set to `reset_to` right before that step (as in `model_rnn`).
+      reset_to: The states a reset sets (defaults to the step's initial
+        states), never the window's entering `states`.
 
     Returns:
       `(loss_j, grads_j, next_states)`: `next_states` enter update `j + 1`'s
@@ -194,7 +205,13 @@ class Updater:
     x = tf.nest.pack_sequence_as(inputs, flat_x)
     targets = self._check_targets(targets, x, states, batch, time)
     j = self._check_update_index(j, time)
-    loss_j, grads, next_states, _ = self._update(x, targets, states, j)
+    controls = None
+    if resets is not None:
+      controls = (_loop.swap_batch_time(tf.convert_to_tensor(resets)),
+                  self._step.initial_state(batch.value) if reset_to is None
+                  else reset_to)
+    loss_j, grads, next_states, _ = self._update(x, targets, states, j,
+                                                 offset, controls)
     return loss_j, grads, next_states
 
   def iterate(self, inputs: Nest, targets: Nest,
@@ -293,27 +310,31 @@ class Updater:
     _inputs.output_spec(self._step, x_spec, states, self._training)
     _ = self.variables  # Raises here, not inside a trace, if there are none.
 
-  def _bounds(self, j: tf.Tensor, time: tf.Tensor):
+  def _bounds(self, j: tf.Tensor, time: tf.Tensor, offset=0):
     """Update `j`'s steps: `(start, split, loss_start, stop)`."""
     k1, k2 = self._k1, self._k2
-    stop = tf.minimum((j + 1) * k1, time)
-    start = tf.maximum(0, (j + 1) * k1 - k2)
-    split = tf.minimum(tf.maximum(0, (j + 2) * k1 - k2), stop)
-    return start, split, j * k1, stop
+    stop = tf.minimum(offset + (j + 1) * k1, time)
+    start = tf.maximum(0, offset + (j + 1) * k1 - k2)
+    split = tf.minimum(tf.maximum(0, offset + (j + 2) * k1 - k2), stop)
+    return start, split, offset + j * k1, stop
 
-  def _segment(self, x: Nest, states: Nest, begin, end):
-    """The engine over steps `[begin, end)` of time-major `x`."""
+  def _segment(self, x: Nest, states: Nest, begin, end, controls=None):
+    """The engine over steps `[begin, end)` of time-major `x`; `controls`
+    is `None` or `(resets [time, batch], reset_to)`."""
     # Slices, not a TensorArray: no gradient is taken w.r.t. the inputs.
     x = tf.nest.map_structure(lambda t: t[begin:end], x)
+    kwargs = {} if controls is None else dict(
+        resets=controls[0][begin:end], _reset_to=controls[1])
     return engine.model_rnn(self._step, x, states, time_major=True,
-                            training=self._training)
+                            training=self._training, **kwargs)
 
   def _mean_loss(self, targets: Nest, outputs: Nest) -> tf.Tensor:
     y_true = tf.nest.map_structure(_loop.merge_leading_dims, targets)
     y_pred = tf.nest.map_structure(_loop.merge_leading_dims, outputs)
     return tf.reduce_mean(self._loss(y_true, y_pred))
 
-  def _update(self, x: Nest, targets: Nest, states: Nest, j: tf.Tensor):
+  def _update(self, x: Nest, targets: Nest, states: Nest, j: tf.Tensor,
+              offset=0, controls=None):
     """Update `j` from the state entering its window (a constant).
 
     Returns:
@@ -321,11 +342,12 @@ class Updater:
       update `j + 1`'s window; `end_states` follow step `stop_j - 1`.
     """
     time = tf.shape(tf.nest.flatten(x)[0])[0]
-    start, split, loss_start, stop = self._bounds(j, time)
+    start, split, loss_start, stop = self._bounds(j, time, offset)
     states = tf.nest.map_structure(tf.stop_gradient, states)
     with tf.GradientTape() as tape:
-      y_head, next_states = self._segment(x, states, start, split)
-      y_tail, end_states = self._segment(x, next_states, split, stop)
+      y_head, next_states = self._segment(x, states, start, split, controls)
+      y_tail, end_states = self._segment(x, next_states, split, stop,
+                                         controls)
       outputs = tf.nest.map_structure(
           lambda a, b: tf.concat([a, b], 0)[loss_start - start:],
           y_head, y_tail)

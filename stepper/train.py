@@ -34,6 +34,7 @@ from stepper import _train_args
 from stepper import callbacks as callbacks_lib
 from stepper import engine
 from stepper import steps as steps_lib
+from stepper import streaming
 from stepper import tbptt as tbptt_lib
 
 Nest = Any
@@ -62,7 +63,8 @@ class Trainer:
   >>> len(history["loss"]), len(curve.losses)  # per epoch, per batch
   (2, 8)
 
-  Dataset elements are `(inputs, targets)`. `inputs` is a tensor or nest,
+  Dataset elements are `(inputs, targets)` or `(inputs, targets, resets)`
+  (bool `[batch, time]`, as in `model_rnn`). `inputs` is a tensor or nest,
   each leaf `[batch, time, ...]`. `targets` is either per step,
   `[batch, time, ...]` shaped like the predictions, or (full BPTT only)
   sequence-level, `[batch, ...]` shaped like the last step's prediction. For
@@ -96,7 +98,7 @@ class Trainer:
                strategy: tf.distribute.Strategy | None = None,
                logdir: str | None = None,
                checkpoint_dir: str | None = None,
-               jit_compile: bool = False):
+               jit_compile: bool = False, stream: bool = False):
     """Configures the training loop; nothing runs or builds yet.
 
     Args:
@@ -124,6 +126,10 @@ class Trainer:
         `fit` restores the latest checkpoint there (model, optimizer, step
         counter, data iterator); every epoch ends with a save.
       jit_compile: Compile the loss-and-gradient computation with XLA.
+      stream: Row `b` of every batch continues row `b` of the last (use
+        `stepper.data.streams`: shuffled rows cannot be detected); the state
+        is carried across batches, with TBPTT as in one batch holding the
+        whole streams. Semantics: `stepper.streaming`. Per-step targets.
 
     Raises:
       TypeError: If `loss` is not callable, `optimizer` is not a Keras
@@ -139,6 +145,11 @@ class Trainer:
     self._optimizer = _train_args.check_optimizer(optimizer)
     self._tbptt = _train_args.check_tbptt(tbptt)
     self._clip = _train_args.check_clip_norm(gradient_clip_norm)
+    # Without `stream`, each batch is a stream of its own (nothing carried).
+    self._batches = streaming.StreamState(
+        self._strategy, self._tbptt, self._model.initial_state,
+        carry=_train_args.check_stream(stream))
+    self._stream = self._batches if stream else None
     if jit_compile and self._tbptt is not None:
       raise ValueError(
           "`jit_compile=True` needs `tbptt=None`: truncated BPTT slices "
@@ -159,9 +170,8 @@ class Trainer:
     self._update_function = tf.function(self._tbptt_step,
                                         reduce_retracing=True)
     self._updater = None  # A `tbptt.Updater`, set by `_build`.
-    self._start_function = tf.function(self._start_states,
-                                       reduce_retracing=True)
-    self._eval_function = tf.function(self._eval_step)
+    self._eval_function = tf.function(self._eval_step,
+                                      reduce_retracing=True)
     self._grads = tf.function(self._loss_and_grads, jit_compile=True) if (
         self._jit_compile) else self._loss_and_grads
     self.history = collections.defaultdict(list)
@@ -215,7 +225,7 @@ class Trainer:
     _checks.check_positive_int(epochs, "epochs")
     if steps is not None:
       _checks.check_positive_int(steps, "steps")
-    self._check_dataset(dataset, "dataset")
+    self._check_dataset(dataset, "dataset", training=True)
     if validation_data is not None:
       self._check_dataset(validation_data, "validation_data")
     iterator = self._iterator(dataset)
@@ -235,7 +245,10 @@ class Trainer:
       if steps is None:  # The next epoch's pass, saved at its start.
         iterator = self._iterator(dataset)
         manager = self._checkpoint_manager(iterator, restore=False)
+      if epoch + 1 < epochs:  # The next epoch starts the stream over.
+        self.reset_states()
       if manager is not None:
+        self._batches.save()
         manager.save(checkpoint_number=self._global_step)
       callbacks.call("on_epoch_end", epoch, logs)
       if self.stop_training:
@@ -243,12 +256,17 @@ class Trainer:
     callbacks.call("on_train_end")
     return dict(self.history)
 
+  def reset_states(self) -> None:
+    """Stream mode: the initial state, no TBPTT history, a new update grid."""
+    self._batches.reset()
+
   def evaluate(self, dataset: tf.data.Dataset) -> dict[str, float]:
     """The loss over a whole dataset (no training), as `{"loss": mean}`.
 
     The mean is over every step and example of the dataset (batches are
     weighted by their size). With truncated BPTT the sequence is run in one
     pass: the carried state is exactly the truncated run's forward state.
+    In stream mode the batches are one run over the whole streams.
 
     Raises:
       ValueError: As in `fit`, for a malformed dataset.
@@ -256,9 +274,11 @@ class Trainer:
     self._check_dataset(dataset, "dataset")
     iterator = self._iterator(dataset)
     total = count = 0.0
+    states = None  # Carried in stream mode only.
     while True:
       try:
-        batch_sum, batch_count = self._eval_function(iterator)
+        batch_sum, batch_count, states = self._eval_function(
+            iterator, None if self._stream is None else states)
       except (StopIteration, tf.errors.OutOfRangeError):
         break
       total += float(batch_sum)
@@ -305,6 +325,7 @@ class Trainer:
       self._updater = tbptt_lib.Updater(self._model, self._loss, k1=k1, k2=k2,
                                         variables=self._trainable,
                                         training=True)
+    self._batches.build(self._model.initial_state(1), element_spec)
 
   def _variables(self) -> list:
     return _checks.unique_by_id(self._step.variables + (
@@ -319,11 +340,13 @@ class Trainer:
                  global_step=self._global_step)
     if isinstance(iterator, tf.data.Iterator):
       parts["iterator"] = iterator
+      parts.update(self._batches.checkpoint_parts())
     checkpoint = tf.train.Checkpoint(**parts)
     manager = tf.train.CheckpointManager(checkpoint, self._checkpoint_dir,
                                          max_to_keep=3)
     if restore and manager.latest_checkpoint:
       checkpoint.restore(manager.latest_checkpoint).assert_consumed()
+      self._batches.restore()
     return manager
 
   def _iterator(self, dataset: tf.data.Dataset):
@@ -388,43 +411,27 @@ class Trainer:
     Raises:
       StopIteration, tf.errors.OutOfRangeError: If `iterator` is exhausted.
     """
-    if self._tbptt is None:
-      return [self._train_function(iterator)]
-    inputs, targets = next(iterator)
-    states = self._start_function(inputs)
-    first = self._strategy.experimental_local_results(
-        tf.nest.flatten(inputs)[0])[0]
-    updates = []
-    for j in range(-(-first.shape[1] // self._tbptt[0])):
-      loss, grad_norm, states = self._update_function(
-          inputs, targets, states, tf.constant(j))
-      updates.append((loss, grad_norm))
-    return updates
+    if self._tbptt is None and self._stream is None:
+      return [self._train_function(iterator)[:2]]
+    return self._batches.train_batch(next(iterator), self._update_function)
 
-  def _start_states(self, inputs: Nest) -> Nest:
-    """Each replica's initial states for its rows of `inputs`."""
-    def start(inputs):
-      return self._model.initial_state(tf.shape(tf.nest.flatten(inputs)[0])[0])
-    return self._strategy.run(start, (inputs,))
+  def _tbptt_step(self, element: tuple, states: Nest, *window):
+    """TBPTT update `window = (j, offset)`, or a stream's full BPTT one."""
+    if not window:
+      return self._update_step(self._replica_update, *element[:2],
+                               streaming.resets_of(element), states)
+    return self._update_step(self._replica_tbptt_update, element, states,
+                             *window)
 
-  def _tbptt_step(self, inputs: Nest, targets: tf.Tensor, states: Nest,
-                  j: tf.Tensor):
-    """Update `j` of truncated BPTT on one batch of sequences.
-
-    Returns:
-      `(loss_j, grad_norm, next_states)`; `next_states` (per replica)
-      enter update `j + 1`'s window.
-    """
-    return self._update_step(self._replica_tbptt_update, inputs, targets,
-                             states, j)
-
-  def _replica_tbptt_update(self, inputs: Nest, targets: tf.Tensor,
-                            states: Nest, j: tf.Tensor):
+  def _replica_tbptt_update(self, element: tuple, states: Nest, j: tf.Tensor,
+                            offset: tf.Tensor):
     """`tbptt.Updater`'s update `j` on this replica's rows, then applied."""
     ctx = tf.distribute.get_replica_context()
+    inputs, targets = element[:2]
     self._targets_per_step(inputs, targets)  # Checks the targets' shape.
-    loss, grads, next_states = self._updater.update(inputs, targets,
-                                                    states, j)
+    loss, grads, next_states = self._updater.update(
+        inputs, targets, states, j, offset=offset,
+        resets=streaming.resets_of(element))
     if loss.dtype.size < 4:  # Mixed precision: report it in float32.
       loss = tf.cast(loss, tf.float32)
     # `loss` is this replica's mean; weight it by its share of the rows.
@@ -454,18 +461,21 @@ class Trainer:
             self._strategy.reduce(tf.distribute.ReduceOp.MEAN, grad_norm,
                                   axis=None), *rest)
 
-  def _replica_update(self, inputs: Nest, targets: tf.Tensor):
-    """One optimizer update on this replica's share of the batch.
+  def _replica_update(self, inputs: Nest, targets: tf.Tensor,
+                      resets: tf.Tensor | None = None,
+                      states: Nest | None = None):
+    """One update on this replica's rows, from `states` or the initial state.
 
     Returns this replica's share of the global mean loss (the shares sum to
-    it) and the global gradient norm before clipping.
+    it), the global gradient norm before clipping and the final states.
     """
     ctx = tf.distribute.get_replica_context()
-    loss_sum, count, grads = self._grads(inputs, targets)
+    loss_sum, count, grads, final_states = self._grads(inputs, targets,
+                                                       resets, states)
     total = ctx.all_reduce(_SUM, count)
     grad_norm = self._apply(
         [None if g is None else g / total for g in grads], ctx)
-    return loss_sum / total, grad_norm
+    return loss_sum / total, grad_norm, final_states
 
   def _apply(self, grads: list, ctx: tf.distribute.ReplicaContext,
              scaled: bool = True):
@@ -493,29 +503,39 @@ class Trainer:
       self._optimizer.apply(grads, self._trainable)
     return grad_norm
 
-  def _loss_and_grads(self, inputs: Nest, targets: tf.Tensor):
-    """Sum of per-example losses, their count, and the sum's gradient."""
+  def _loss_and_grads(self, inputs: Nest, targets: tf.Tensor,
+                      resets: tf.Tensor | None, states: Nest | None):
+    """The loss sum, its count, the sum's gradient, the final states."""
     with tf.GradientTape() as tape:
-      loss_sum, count = self._loss_sum(inputs, targets, training=True)
+      loss_sum, count, final_states = self._loss_sum(
+          (inputs, targets, resets), states, training=True)
       # Scaled by a keras.optimizers.LossScaleOptimizer (mixed_float16),
       # whose `apply` unscales; 1 for every other optimizer.
       scaled = self._optimizer.scale_loss(loss_sum)
-    return loss_sum, count, tape.gradient(scaled, self._trainable)
+    return (loss_sum, count, tape.gradient(scaled, self._trainable),
+            final_states)
 
-  def _eval_step(self, iterator) -> tuple[tf.Tensor, tf.Tensor]:
+  def _eval_step(self, iterator, states: Nest | None):
     self._traces["evaluate"] += 1
-    inputs, targets = next(iterator)
-    loss_sum, count = self._strategy.run(
-        lambda x, y: self._loss_sum(x, y, training=False), (inputs, targets))
+    loss_sum, count, final_states = self._strategy.run(
+        lambda e, s: self._loss_sum(e, s, training=False),
+        (next(iterator), states))
     return (self._strategy.reduce(_SUM, loss_sum, axis=None),
-            self._strategy.reduce(_SUM, count, axis=None))
+            self._strategy.reduce(_SUM, count, axis=None), final_states)
 
-  def _loss_sum(self, inputs: Nest, targets: tf.Tensor,
-                training: bool) -> tuple[tf.Tensor, tf.Tensor]:
-    """The summed per-example loss over steps and batch, and its count."""
+  def _loss_sum(self, element: tuple, states: Nest | None, training: bool
+                ) -> tuple[tf.Tensor, tf.Tensor, Nest]:
+    """The summed per-example loss over steps and batch, its count and the
+    final states; the run starts from `states` (a constant) or the initial
+    state, and resets set the initial state."""
+    inputs, targets, resets = *element[:2], streaming.resets_of(element)
     per_step = self._targets_per_step(inputs, targets)
-    outputs, _ = engine.model_rnn(self._model, inputs, training=training,
-                                  return_sequences=per_step)
+    # Resets restore the initial state, never the carried `states`.
+    reset_to = None if states is None else self._model.initial_state(
+        tf.shape(targets)[0])
+    outputs, final_states = engine.model_rnn(
+        self._model, inputs, states, training=training, resets=resets,
+        return_sequences=per_step, _reset_to=reset_to)
     if per_step:  # Every step is an example for the loss: fold time.
       outputs = _loop.merge_leading_dims(outputs)
       targets = _loop.merge_leading_dims(targets)
@@ -525,34 +545,20 @@ class Trainer:
     per_example = tf.convert_to_tensor(self._loss(targets, outputs))
     per_example = tf.cast(per_example, dtype)
     return (tf.reduce_sum(per_example),
-            tf.cast(tf.size(per_example), outputs.dtype))
+            tf.cast(tf.size(per_example), outputs.dtype), final_states)
 
   # Validation.
 
-  def _check_dataset(self, dataset: Any, name: str) -> None:
-    """Elements must be `(inputs, targets)`, inputs `[batch, time, ...]`."""
+  def _check_dataset(self, dataset: Any, name: str,
+                     training: bool = False) -> None:
+    """Elements: see `streaming.check_element_spec`."""
     if not isinstance(dataset, tf.data.Dataset):
       raise TypeError(f"`{name}` must be a tf.data.Dataset of (inputs, "
                       f"targets) batches; got {type(dataset).__name__}.")
     spec = dataset.element_spec
-    if not isinstance(spec, tuple) or len(spec) != 2:
-      raise ValueError(
-          f"`{name}` elements must be pairs (inputs, targets); got elements "
-          f"{spec}.")
-    inputs_spec, targets_spec = spec
-    for path, s in zip(_checks.leaf_paths(inputs_spec, f"{name} inputs"),
-                       tf.nest.flatten(inputs_spec)):
-      _checks.check_rank_at_least(s, 3, path, "[batch, time, ...]")
-      if not s.shape[2:].is_fully_defined():
-        raise ValueError(f"{path} has shape {_checks.shape_str(s.shape)}; "
-                         "the dimensions after [batch, time] must be known.")
-      if self._tbptt is not None and s.shape[1] is None:
-        raise ValueError(
-            f"{path} has shape {_checks.shape_str(s.shape)}; truncated BPTT "
-            "needs a static number of time steps (it sets the windows).")
-    if not isinstance(targets_spec, tf.TensorSpec):
-      raise ValueError(f"`{name}` targets must be one tensor; got "
-                       f"{targets_spec}.")
+    inputs_spec, targets_spec = streaming.check_element_spec(
+        spec, name, self._stream if training else None,
+        static_time=self._tbptt is not None and self._stream is None)
     self._build(spec, name)
     # Here, not only while tracing: the error is then raised as it is.
     self._targets_per_step(inputs_spec, targets_spec, name)
@@ -564,9 +570,10 @@ class Trainer:
 
     `inputs` and `targets` may be tensors or `tf.TensorSpec`s.
     """
-    return _targets.per_step(self._model, inputs, targets,
-                             allow_sequence_level=self._tbptt is None,
-                             name=name)
+    return _targets.per_step(
+        self._model, inputs, targets,
+        allow_sequence_level=self._tbptt is None and self._stream is None,
+        name=name)
 
 
 def _learning_rate(optimizer: keras.optimizers.Optimizer) -> float:

@@ -153,6 +153,25 @@ class RunTest(tf.test.TestCase):
     self.assertIn("| stepper |", text)
     self.assertNotIn("old", text)
 
+  def test_char_lm_smoke_run_writes_json_table_and_plot(self):
+    output = os.path.join(self.get_temp_dir(), "lm", "char_lm.json")
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.char_lm", "--chars=600",
+         "--val_chars=200", "--batch=2", "--units=4", "--embed=3",
+         "--settings=4:10", "--keras_k=4", f"--out={output}"],
+        cwd=_ROOT, check=True, capture_output=True, text=True,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    with open(output) as f:
+      runs = json.load(f)["runs"]
+    self.assertEqual([r["run"] for r in runs],
+                     ["Keras LSTM(stateful) k=4", "stepper TBPTT(4,10)"])
+    # The same data and batches: the same number of updates every way.
+    self.assertEqual({r["updates"] for r in runs}, {(600 - 1) // 2 // 4})
+    for r in runs:  # Near log2(vocab) bits after so few updates.
+      self.assertBetween(r["val_bpc"], 1.0, 8.0)
+    self.assertIn("| stepper TBPTT(4,10) | 4 | 10 | 74 |", result.stdout)
+    self.assertTrue(os.path.exists(output.replace(".json", ".png")))
+
   def test_update_readme_raises_on_missing_markers(self):
     readme = os.path.join(self.get_temp_dir(), "README.md")
     with open(readme, "w") as f:
