@@ -129,7 +129,10 @@ class StepRNN(keras.layers.Layer):
         self.step, sequences, initial_state, mask=_first_mask(mask),
         reverse=self.go_backwards, return_sequences=self.return_sequences,
         zero_output_for_mask=self.zero_output_for_mask,
-        unroll=self._unroll(sequences), training=training)
+        unroll=self._unroll(sequences), training=training,
+        # A mixed-precision layer casts the cell's weights as it reads them
+        # (Keras' autocast scope); hoisting skips mixed precision.
+        hoist=self.compute_dtype == self.variable_dtype)
     if self.go_backwards and self.return_sequences:
       outputs = tf.nest.map_structure(lambda y: tf.reverse(y, [1]), outputs)
     if self.stateful:

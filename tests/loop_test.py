@@ -64,8 +64,9 @@ class LoopTest(tf.test.TestCase):
     cell = keras.layers.GRUCell(UNITS)
     x = tf.random.normal([TIME, BATCH, FEATURES])
     step, states, loop = self._loop(cell, x)
+    # hoist=False: the same per-step arithmetic as the Loop under test.
     expected_y, expected_states = stepper.model_rnn(
-        cell, x[2:6], states, time_major=True)
+        cell, x[2:6], states, time_major=True, hoist=False)
     rows, flat_states, _ = loop.run_segment(
         step.start(BATCH), 4, [x[2:6]], {}, tf.nest.flatten(states), [], [],
         unroll=3)
@@ -91,7 +92,7 @@ class LoopTest(tf.test.TestCase):
     out_tas, _, flat_states, _ = loop.steps(feed, carry, 2, 7, 4,
                                             max_steps=TIME)
     expected_y, expected_states = stepper.model_rnn(
-        cell, x[2:7], states, time_major=True)
+        cell, x[2:7], states, time_major=True, hoist=False)
     testing.assert_nests_close(out_tas[0].gather(tf.range(2, 7)), expected_y,
                                rtol=1e-6)
     testing.assert_nests_close(flat_states, tf.nest.flatten(expected_states),
