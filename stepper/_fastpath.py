@@ -15,7 +15,12 @@ Two mechanisms, found by profiling the engine's `tf.while_loop`:
    zeroing one slot) costs XLA two full copies of the `[time, batch, ...]`
    gradient on every backward step, so time grew with `time ** 2`.
 
-3. `handles_from(variables, handles)`: not a speed-up but the one other
+3. `layer_dtype_scope(layer)`: Keras' autocast scope for a layer whose
+   arithmetic runs outside its `__call__` (hoisting's input half and
+   recurrent half of a Keras cell), so its weights are read in the dtype
+   `__call__` would read them in.
+
+4. `handles_from(variables, handles)`: not a speed-up but the one other
    reach into TensorFlow internals, kept here with the rest: `stepper.remat`
    recomputes segments inside a gradient function and needs the variables'
    forward-graph handles there.
@@ -33,10 +38,12 @@ import contextlib
 from typing import Any, Iterator
 
 import keras
-# Private APIs, for want of public ones: whether an outer stateless scope is
-# active, whether the graph is being built for XLA
+# Private APIs, for want of public ones: Keras' autocast scope (which
+# `Layer.__call__` enters; Keras exports no way to enter it), whether an outer
+# stateless scope is active, whether the graph is being built for XLA
 # (`tf.function(jit_compile=True)`, also Keras' `jit_compile=True`), and
 # XLA's own DynamicUpdateSlice (jax2tf relies on the same module).
+from keras.src.backend.common import variables as keras_variables
 from keras.src.backend.common.stateless_scope import in_stateless_scope
 import tensorflow as tf
 from tensorflow.compiler.tf2xla.python import xla as tfxla  # pylint: disable=g-direct-tensorflow-import
@@ -80,6 +87,36 @@ class _ReadOnceScope(keras.StatelessScope):
         "add it to the loss outside.")
 
 
+def layer_dtype_scope(layer: keras.layers.Layer
+                      ) -> contextlib.AbstractContextManager:
+  """The autocast scope `layer.__call__` would run its `call` in.
+
+  Keras casts float variables as they are read to the dtype of the active
+  autocast scope, which `Layer.__call__` sets to the layer's compute dtype
+  under a mixed policy (float32 weights read as float16) and resets for a
+  float32 layer called inside a mixed-precision one. Code that does a
+  layer's arithmetic outside its `__call__` enters this scope to read the
+  weights as the layer would. The rules are those of Keras 3's
+  `Layer.__call__`.
+
+  Args:
+    layer: A Keras layer.
+
+  Returns:
+    A context manager (a null one where `__call__` would change nothing).
+  """
+  current = keras_variables.get_autocast_scope()
+  dtype = layer.compute_dtype
+  if current is not None:
+    if not layer.autocast or not keras.backend.is_float_dtype(dtype):
+      return keras_variables.AutocastScope(None)
+    if current.dtype != dtype:
+      return keras_variables.AutocastScope(dtype)
+  elif dtype != layer.variable_dtype:
+    return keras_variables.AutocastScope(dtype)
+  return contextlib.nullcontext()
+
+
 def weights_read_once(step: Any) -> contextlib.AbstractContextManager:
   """A scope in which `step`'s trainable Keras variables are read once.
 
@@ -114,7 +151,11 @@ def read_once(variables: list) -> tuple[contextlib.AbstractContextManager,
   if (not _enabled or not variables or tf.executing_eagerly()
       or in_stateless_scope()):
     return contextlib.nullcontext(), {}
-  mapping = [(v, tf.identity(v.value)) for v in variables]
+  # Read in the variables' own dtype: the scope hands the mapped value to
+  # each reader through the reader's autocast scope (a float32 read cast to
+  # float16 here would reach a float32 layer's arithmetic rounded).
+  with keras_variables.AutocastScope(None):
+    mapping = [(v, tf.identity(v.value)) for v in variables]
   reads = {id(v._value): value  # pylint: disable=protected-access
            for v, value in mapping}
   return _ReadOnceScope(mapping), reads

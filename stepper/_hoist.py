@@ -116,11 +116,19 @@ def cell_split(cell: Any, training: Any) -> Split | None:
       (exact class) without dropout splits.
     training: The run's training flag (unused without dropout).
 
+  Both halves run in the autocast scope the cell's `__call__` would enter
+  (`_fastpath.layer_dtype_scope`): a float32 cell called inside a
+  mixed-precision layer (whose scope casts float32 weights to float16 as
+  they are read) still reads float32 weights, as its `__call__` would.
+
   Returns:
-    The `Split`, or None for any other object, an unbuilt cell, mixed
-    precision (Keras casts the weights in `__call__`), or a cell with
-    `dropout` or `recurrent_dropout` (its masks are drawn per run by the
-    step's `start`; hoisting them is not done yet).
+    The `Split`, or None for any other object, an unbuilt cell, a cell
+    computing in half precision (a mixed policy: one `[time * batch]`-row
+    float16 sum rounds unlike Keras' per-step ones, and under float16 loss
+    scaling the kernel's one-matmul gradient overflowed where Keras' did
+    not, so the LossScaleOptimizer skipped a step Keras took), or a cell
+    with `dropout` or `recurrent_dropout` (its masks are drawn per run by
+    the step's `start`; hoisting them is not done yet).
   """
   del training
   if type(cell) not in _CELLS or not cell.built:
@@ -139,8 +147,29 @@ def cell_split(cell: Any, training: Any) -> Split | None:
   if (cell.use_bias and isinstance(cell, keras.layers.GRUCell)
       and cell.reset_after):
     recurrent.append(cell.bias)  # Its recurrent half, bias[1].
-  return Split(_cell_project(cell), core,
+  return Split(_cell_project(cell), _in_dtype_scope(cell, core),
                Variables(recurrent, cell.non_trainable_variables))
+
+
+def _cast(value, dtype):
+  """`value` in `dtype` when it is a float of another dtype, as Keras'
+  `__call__` converts a layer's float arguments."""
+  value = tf.convert_to_tensor(value)
+  if value.dtype.is_floating and value.dtype != dtype:
+    return tf.cast(value, dtype)
+  return value
+
+
+def _in_dtype_scope(cell, core: Callable) -> Callable:
+  """`core` run as the cell's `__call__` runs `call`: arguments in the
+  cell's compute dtype, weights read in its autocast scope."""
+  def scoped(p, states, training):
+    with _fastpath.layer_dtype_scope(cell):
+      dtype = cell.compute_dtype
+      return core(_cast(p, dtype), [_cast(s, dtype) for s in states],
+                  training)
+
+  return scoped
 
 
 def _input_bias(cell) -> tf.Tensor | None:
@@ -154,13 +183,12 @@ def _input_bias(cell) -> tf.Tensor | None:
 def _cell_project(cell) -> Callable:
   def project(x, training, time_axis):
     del training, time_axis  # Row by row, no dropout: either layout.
-    x = tf.convert_to_tensor(x)
-    if x.dtype != cell.compute_dtype:  # As Keras' __call__ casts x_t.
-      x = tf.cast(x, cell.compute_dtype)
-    kernel = tf.convert_to_tensor(cell.kernel)
-    projected = over_sequence(lambda rows: tf.matmul(rows, kernel), x)
-    bias = _input_bias(cell)
-    return projected if bias is None else projected + bias
+    with _fastpath.layer_dtype_scope(cell):
+      x = _cast(x, cell.compute_dtype)  # As Keras' __call__ casts x_t.
+      kernel = tf.convert_to_tensor(cell.kernel)
+      projected = over_sequence(lambda rows: tf.matmul(rows, kernel), x)
+      bias = _input_bias(cell)
+      return projected if bias is None else projected + bias
 
   return project
 

@@ -76,11 +76,42 @@ def unstack(x: tf.Tensor, n: int | tf.Tensor) -> tf.TensorArray:
   return tf.TensorArray(x.dtype, size=n, element_shape=x.shape[1:]).unstack(x)
 
 
+def step_list(x: tf.Tensor, reverse: bool = False) -> tf.Tensor:
+  """`x` `[time, ...]` as a tensor list that `pop` hands out in time order
+  (`reverse`: from the last step).
+
+  Why not a `TensorArray` read by index: the gradient of a read
+  (`TensorListGetItem`) is a whole new list of `time` slots holding one
+  step, added to the accumulated gradient, so backpropagating into an
+  input read step by step costs O(time) per step, O(time^2) in all (2x
+  the whole run at 1000 steps of a small cell, whenever the inputs need a
+  gradient: hoisted projections, the upper layers of a stack). The
+  gradient of a pop is one push: O(1) per step.
+  """
+  if not reverse:  # The list's back is the first step to run.
+    x = tf.reverse(x, [0])
+  shape = [-1 if d is None else d for d in x.shape[1:]]
+  return tf.raw_ops.TensorListFromTensor(
+      tensor=x, element_shape=tf.constant(shape, tf.int32))
+
+
+def pop(handle: tf.Tensor, spec: tf.TensorSpec) -> tuple[tf.Tensor,
+                                                        tf.Tensor]:
+  """`(rest, x_t)`: the next step of a `step_list` and the list after it."""
+  rest, x_t = tf.raw_ops.TensorListPopBack(
+      input_handle=handle, element_shape=tf.constant(-1, tf.int32),
+      element_dtype=spec.dtype)
+  x_t.set_shape(spec.shape)
+  return rest, x_t
+
+
 class _Feed(NamedTuple):
   """What one run's step body reads besides its carry."""
   call: Any  # The step's per-run function (`Step.start`).
   time: int | tf.Tensor  # Steps in the input arrays.
-  input_tas: list[tf.TensorArray]
+  input_tas: list[tf.TensorArray]  # Read by index; or, when empty,
+  input_lists: list[tf.Tensor]  # `step_list`s popped in running order.
+  input_specs: list[tf.TensorSpec]  # One step of each input.
   control_tas: dict[str, tf.TensorArray]  # "mask" and/or "resets" rows.
   flat_reset: list[tf.Tensor]  # The states a reset sets.
   reverse: bool  # Read the arrays from the last step.
@@ -149,9 +180,9 @@ class Loop:
     feed = _Feed(
         call=self._step.start(batch, self._training),
         time=time.value,
-        input_tas=[
-            tf.TensorArray(x.dtype, size=time.value, element_shape=x.shape[1:])
-            .unstack(x) for x in flat_x],
+        input_tas=[],
+        input_lists=[step_list(x, self._reverse) for x in flat_x],
+        input_specs=[tf.TensorSpec(x.shape[1:], x.dtype) for x in flat_x],
         control_tas={
             name: tf.TensorArray(tf.bool, size=time.value).unstack(value)
             for name, value in (("mask", self._controls.mask),
@@ -212,7 +243,8 @@ class Loop:
       after the segment.
     """
     feed = _Feed(call=call, time=n,
-                 input_tas=[unstack(v, n) for v in flat_x],
+                 input_tas=[unstack(v, n) for v in flat_x], input_lists=[],
+                 input_specs=[],
                  control_tas={name: unstack(v, n)
                               for name, v in controls.items()},
                  flat_reset=reset_to or self._flat_reset, reverse=False)
@@ -244,33 +276,39 @@ class Loop:
       The carry after step `stop - 1`.
     """
     t = start
+    lists = list(feed.input_lists)
     if unroll > 1:
       # `stop // unroll * unroll` for the usual `start == 0` (graph mode pays
       # per op).
       end = (stop // unroll * unroll if isinstance(start, int) and start == 0
              else start + (stop - start) // unroll * unroll)
-      t, carry = self._while(feed, start, end, unroll, carry,
-                             maximum_iterations=max_steps // unroll)
-    _, carry = self._while(feed, t, stop, 1, carry,
-                           maximum_iterations=max_steps if unroll == 1 else
-                           unroll - 1)
+      t, lists, carry = self._while(feed, start, end, unroll, lists, carry,
+                                    maximum_iterations=max_steps // unroll)
+    _, _, carry = self._while(feed, t, stop, 1, lists, carry,
+                              maximum_iterations=max_steps if unroll == 1
+                              else unroll - 1)
     return carry
 
-  def _while(self, feed, start, stop, k, carry, maximum_iterations):
-    def body(t, carry):
+  def _while(self, feed, start, stop, k, lists, carry, maximum_iterations):
+    def body(t, lists, carry):
       for i in range(k):  # (No `t + 0` op: graph mode pays per op.)
-        carry = self._one_step(feed, t + i if i else t, carry)
-      return t + k, carry
+        lists, carry = self._one_step(feed, t + i if i else t, lists, carry)
+      return t + k, lists, carry
 
-    return tf.while_loop(lambda t, _: t < stop, body, (start, carry),
+    return tf.while_loop(lambda t, *_: t < stop, body, (start, lists, carry),
                          maximum_iterations=maximum_iterations,
                          **self._loop_kwargs)
 
-  def _one_step(self, feed, t, carry):
+  def _one_step(self, feed, t, lists, carry):
     out_tas, state_tas, flat_states, last = carry
     idx = feed.time - 1 - t if feed.reverse else t
-    x_t = tf.nest.pack_sequence_as(
-        self._x_structure, [ta.read(idx) for ta in feed.input_tas])
+    if feed.input_tas:
+      flat_x = [ta.read(idx) for ta in feed.input_tas]
+    else:
+      popped = [pop(h, s) for h, s in zip(lists, feed.input_specs)]
+      lists = [rest for rest, _ in popped]
+      flat_x = [x_t for _, x_t in popped]
+    x_t = tf.nest.pack_sequence_as(self._x_structure, flat_x)
     if "resets" in feed.control_tas:
       reset = feed.control_tas["resets"].read(idx)
       flat_states = [select(reset, init, s)
@@ -299,7 +337,7 @@ class Loop:
       step_states = [select(keep, s, tf.zeros_like(s))  # zero-filled tail.
                      for s in flat_new]
     state_tas = [ta.write(idx, s) for ta, s in zip(state_tas, step_states)]
-    return out_tas, state_tas, flat_new, last
+    return lists, (out_tas, state_tas, flat_new, last)
 
   def _stack(self, ta, spec, n_rows, batch, time: Dim, pad: bool):
     """Stacks an array of `n_rows` steps; `pad` zero-fills it to `time`

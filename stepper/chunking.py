@@ -54,6 +54,7 @@ def run_chunks(
     unroll: int = 1,
     swap_memory: bool = False,
     remat: int | str | None = None,
+    hoist: bool = True,
 ) -> tuple[Nest, Nest]:
   """Runs `step` over `inputs` chunk by chunk, carrying the state.
 
@@ -100,6 +101,8 @@ def run_chunks(
     swap_memory: Passed to `model_rnn` for every chunk.
     remat: Passed to `model_rnn` for every chunk: recompute each chunk's
       activations in segments in the backward pass (`stepper.remat`).
+    hoist: Passed to `model_rnn` for every chunk: each chunk's input half
+      is computed for its steps at once before its loop.
 
   Returns:
     `(outputs, final_states)` as from `model_rnn`: `outputs` nests like
@@ -115,6 +118,7 @@ def run_chunks(
   # Here, not only in `model_rnn`: no chunk runs on an empty sequence.
   _checks.check_positive_int(unroll, "unroll")
   remat_lib.check_remat(remat)
+  _checks.check_bool(hoist, "hoist")
   if gradient not in _GRADIENTS:
     raise ValueError(f"`gradient` must be one of {_GRADIENTS}; got "
                      f"{gradient!r}.")
@@ -127,7 +131,8 @@ def run_chunks(
   chunks = _Chunks(step, inputs, flat_x, states, controls, chunk_size,
                    time.value, cut=gradient == "truncate",
                    engine_kwargs=dict(training=training, unroll=unroll,
-                                      swap_memory=swap_memory, remat=remat))
+                                      swap_memory=swap_memory, remat=remat,
+                                      hoist=hoist))
   outputs, final_states = chunks.run()
   if controls.mask is not None and not controls.zero_output:
     outputs = tf.nest.map_structure(

@@ -133,6 +133,7 @@ def model_rnn(
                      ("swap_memory", swap_memory),
                      ("zero_output_for_mask", zero_output_for_mask)):
     _checks.check_bool(flag, name)
+  _checks.check_bool(hoist, "hoist")
   _checks.check_positive_int(unroll, "unroll")
   remat_lib.check_remat(remat)
   if parallel_iterations is not None:
@@ -159,8 +160,6 @@ def model_rnn(
     controls = controls._replace(resets=None if controls.resets is None else
                                  _loop.reverse_rows(controls.resets,
                                                     controls.lengths))
-  if not isinstance(hoist, bool):
-    raise TypeError(f"`hoist` must be a bool; got {hoist!r}.")
   split = step.split(training) if hoist else None
   if split is not None:  # The input half, for all steps at once.
     projected = split.project(

@@ -11,6 +11,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+from stepper import _checks
 from stepper import engine
 from stepper import stacking
 from stepper import steps as steps_lib
@@ -65,6 +66,8 @@ class StepRNN(keras.layers.Layer):
     unroll: Steps per loop iteration (see `stepper.model_rnn`); Keras'
       `True` unrolls every step (the time dimension must be known), `False`
       is 1.
+    hoist: Compute the step's input half for all steps before the loop (see
+      `stepper.model_rnn`); `False` runs the whole step at every step.
     **kwargs: `keras.layers.Layer` arguments (`name`, `dtype`, ...). The
       dtype defaults to the step's dtype policy when the step is a layer.
 
@@ -76,6 +79,7 @@ class StepRNN(keras.layers.Layer):
     training: Passed to the step.
 
   Raises:
+    TypeError: If `hoist` is not a bool.
     ValueError: At build, if `stateful=True` and the batch size is unknown;
       at call, if a stateful layer gets another batch size.
   """
@@ -83,7 +87,8 @@ class StepRNN(keras.layers.Layer):
   def __init__(self, step: Any, return_sequences: bool = True,
                return_state: bool = False, go_backwards: bool = False,
                stateful: bool = False, zero_output_for_mask: bool = False,
-               unroll: int | bool = 1, **kwargs):
+               unroll: int | bool = 1, hoist: bool = True, **kwargs):
+    _checks.check_bool(hoist, "hoist")
     if isinstance(step, (list, tuple)):  # As keras.layers.RNN.
       step = keras.layers.StackedRNNCells(step)
     if isinstance(step, keras.layers.Layer) and "dtype" not in kwargs:
@@ -99,6 +104,7 @@ class StepRNN(keras.layers.Layer):
     self.stateful = stateful
     self.zero_output_for_mask = zero_output_for_mask
     self.unroll = unroll
+    self.hoist = hoist
     self.supports_masking = True
     self.states = None  # Variables, with `stateful=True`, once built.
     self._num_states = None  # Learned at call time for a plain callable.
@@ -129,10 +135,7 @@ class StepRNN(keras.layers.Layer):
         self.step, sequences, initial_state, mask=_first_mask(mask),
         reverse=self.go_backwards, return_sequences=self.return_sequences,
         zero_output_for_mask=self.zero_output_for_mask,
-        unroll=self._unroll(sequences), training=training,
-        # A mixed-precision layer casts the cell's weights as it reads them
-        # (Keras' autocast scope); hoisting skips mixed precision.
-        hoist=self.compute_dtype == self.variable_dtype)
+        unroll=self._unroll(sequences), training=training, hoist=self.hoist)
     if self.go_backwards and self.return_sequences:
       outputs = tf.nest.map_structure(lambda y: tf.reverse(y, [1]), outputs)
     if self.stateful:
@@ -301,7 +304,8 @@ class StepRNN(keras.layers.Layer):
         return_sequences=self.return_sequences,
         return_state=self.return_state, go_backwards=self.go_backwards,
         stateful=self.stateful,
-        zero_output_for_mask=self.zero_output_for_mask, unroll=self.unroll)
+        zero_output_for_mask=self.zero_output_for_mask, unroll=self.unroll,
+        hoist=self.hoist)
     return config
 
   @classmethod

@@ -209,6 +209,59 @@ class EngineTest(parameterized.TestCase):
                    *stepper.model_rnn(cell, x, hoist=False)[1]], **_F64)
 
 
+  def test_step_rnn_and_run_chunks_take_hoist(self):
+    cell = _cell("gru")
+    x, _ = _data()
+    states = cell.get_initial_state(BATCH)
+    testing.assert_nests_close(
+        stepper.run_chunks(cell, x, 4, states, hoist=False),
+        stepper.run_chunks(cell, x, 4, states), **_F64)
+    layer = stepper.StepRNN(cell, hoist=False)
+    self.assertFalse(layer.get_config()["hoist"])
+    self.assertFalse(stepper.StepRNN.from_config(layer.get_config()).hoist)
+    self.assertEqual(_loop_matmuls(layer, x), 2)  # x_t @ kernel per step.
+    self.assertEqual(_loop_matmuls(stepper.StepRNN(cell), x), 1)
+    with self.assertRaisesRegex(TypeError, "`hoist` must be a bool; got 'no'"):
+      stepper.StepRNN(cell, hoist="no")
+    with self.assertRaisesRegex(TypeError, "`hoist` must be a bool; got 0"):
+      stepper.run_chunks(cell, x, 4, hoist=0)
+
+  @parameterized.named_parameters(("hoisted", True), ("per_step", False))
+  def test_float32_cell_inside_a_mixed_precision_layer(self, hoist):
+    # The layer's autocast scope casts float32 weights to float16 as they
+    # are read; the cell's own __call__ resets it to float32. The hoisted
+    # halves run outside that __call__ and must read float32 weights too
+    # (they crashed on a float32 x float16 MatMul, or would compute in
+    # float16 silently).
+    cell = _cell("lstm", dtype="float32")
+    x, _ = _data("float32")
+
+    class Outer(keras.layers.Layer):
+
+      def call(self, x):
+        return stepper.model_rnn(cell, x, hoist=hoist)[0]
+
+    outer = Outer(dtype="mixed_float16")
+    with tf.GradientTape() as tape:
+      inside = outer(x)
+      loss = tf.reduce_sum(inside ** 2)
+    grads = tape.gradient(loss, cell.trainable_variables)
+    self.assertEqual(inside.dtype, tf.float32)
+    # The layer's __call__ casts its input to float16, as Keras does.
+    x16 = tf.cast(tf.cast(x, tf.float16), tf.float32)
+    testing.assert_nests_close([inside, grads],
+                               list(_gradients_and_outputs(cell, x16)),
+                               rtol=1e-5, atol=1e-6)
+
+
+def _gradients_and_outputs(cell, x):
+  """`model_rnn(cell)` outside any layer (float32 throughout, per step)."""
+  with tf.GradientTape() as tape:
+    outputs = stepper.model_rnn(cell, x, hoist=False)[0]
+    loss = tf.reduce_sum(outputs ** 2)
+  return outputs, tape.gradient(loss, cell.trainable_variables)
+
+
 def _step_model(dropout=0.0):
   """x_t -> LayerNorm -> Dense -> tanh * 2 (hoistable) meets the state; a
   Dense of the raw x_t feeds the output too."""

@@ -84,7 +84,8 @@ class LoopTest(tf.test.TestCase):
     step, states, loop = self._loop(cell, x)
     feed = _loop._Feed(  # pylint: disable=protected-access
         call=step.start(BATCH), time=TIME,
-        input_tas=[_loop.unstack(x, TIME)], control_tas={},
+        input_tas=[_loop.unstack(x, TIME)], input_lists=[], input_specs=[],
+        control_tas={},
         flat_reset=tf.nest.flatten(states), reverse=False)
     out_ta = tf.TensorArray(tf.float32, size=TIME,
                             element_shape=[BATCH, UNITS])
@@ -97,6 +98,43 @@ class LoopTest(tf.test.TestCase):
                                rtol=1e-6)
     testing.assert_nests_close(flat_states, tf.nest.flatten(expected_states),
                                rtol=1e-6)
+
+  def test_input_gradient_costs_constant_work_per_step(self):
+    # Backpropagating into a per-step `TensorArray.read` builds a whole
+    # `time`-slot list per step (`TensorListReserve` in the backward body):
+    # O(time^2) for a hoisted projection or a stack's upper layer. The
+    # loop pops its inputs instead, whose gradient is one push.
+    cell = keras.layers.GRUCell(UNITS)
+    x = tf.random.normal([BATCH, TIME, FEATURES])
+    cell.build((None, FEATURES))
+
+    def gradients(x):
+      with tf.GradientTape() as tape:
+        tape.watch(x)
+        loss = tf.reduce_sum(
+            stepper.model_rnn(cell, x, hoist=False, unroll=2)[0] ** 2)
+      return tape.gradient(loss, [x, *cell.trainable_variables])
+
+    graph_def = tf.function(gradients).get_concrete_function(
+        x).graph.as_graph_def()
+    backward = [f for f in graph_def.library.function
+                if "body" in f.signature.name
+                and "_grad_" in f.signature.name]
+    self.assertLen(backward, 2)  # The unrolled loop and the remainder.
+    ops = {node.op for f in backward for node in f.node_def}
+    self.assertIn("TensorListPushBack", ops)
+    self.assertNotIn("TensorListReserve", ops)
+    # And the gradient is right: the per-step Keras cell, eagerly.
+    with tf.GradientTape() as tape:
+      tape.watch(x)
+      states, ys = cell.get_initial_state(BATCH), []
+      for t in range(TIME):
+        y, states = cell(x[:, t], states)
+        ys.append(y)
+      loss = tf.reduce_sum(tf.stack(ys) ** 2)
+    expected = tape.gradient(loss, [x, *cell.trainable_variables])
+    testing.assert_nests_close(tf.function(gradients)(x), expected,
+                               rtol=1e-5, atol=1e-6)
 
 
 if __name__ == "__main__":
