@@ -104,8 +104,9 @@ def model_rnn(
       a built-in Keras cell; the layers a functional step model applies to
       `x_t` alone; the `project` of a `stepper.steps.split` step), and run
       only the rest in the loop. Same results up to float rounding. Steps
-      that do not split run as they are. `False` runs the whole step at
-      every step.
+      that do not split run as they are (cells with dropout, cells that
+      compute in half precision, layers that may mix rows or draw random
+      numbers). `False` runs the whole step at every step.
     _reset_to: Private (for `stepper.chunking`): the states a reset sets,
       nested like the states, when they differ from `initial_states` (a
       chunk starts from the carried state but resets to the run's start).

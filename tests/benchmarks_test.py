@@ -187,12 +187,12 @@ class RematBenchmarkTest(tf.test.TestCase):
     results = [
         remat_bench._run_child(dict(loss=loss, time=6, remat=remat, batch=2,
                                     units=3, features=4, runs=1, xla=False))
-        for loss in ("all", "last") for remat in ("none", "2")]
-    for result in results:
+        for loss in ("last",) for remat in ("none", "2")]  # (A subprocess
+    for result in results:  # costs ~20 s of TF import on 2 loaded cores.)
       self.assertNotIn("error", result)
       self.assertGreater(result["peak_mb"], 0)
     table = remat_bench._table(results)
-    self.assertLen(table.strip().splitlines(), 4)  # Header, rule, 2 rows.
+    self.assertLen(table.strip().splitlines(), 3)  # Header, rule, a row.
     self.assertRegex(table, r"\| last \| 6 \| [\d.]+ / [\d.]+ \| "
                      r"[\d.]+ / [\d.]+ \([\d.]+x, [\d.]+x\) \|")
 
