@@ -35,6 +35,7 @@ from typing import Any, Callable, NamedTuple
 import keras
 import tensorflow as tf
 
+from stepper import _dropout
 from stepper import _fastpath
 
 Nest = Any
@@ -52,10 +53,13 @@ class Split(NamedTuple):
       `variables`, or None when the core is a `Step` (which knows them).
       Engines that declare the loop's variables (remat's custom gradient)
       must not list the input half's (it runs outside the loop).
+    draws: Whether `project` draws what the whole step draws once per run
+      (a dropout cell's input mask), so the core's run must not draw again.
   """
   project: Callable[[Nest, Any, int], Nest]
   core: Any
   module: Any = None
+  draws: bool = False
 
 
 class Variables:
@@ -121,21 +125,30 @@ def cell_split(cell: Any, training: Any) -> Split | None:
   mixed-precision layer (whose scope casts float32 weights to float16 as
   they are read) still reads float32 weights, as its `__call__` would.
 
+  A cell with input `dropout` run with `training=True` splits too: its
+  input half draws the run's input mask from the cell's own seed generator,
+  as `keras.layers.RNN` does before its loop, and applies it to every step
+  (`x_t * mask`: Keras' variational dropout, one mask per run).
+
   Returns:
     The `Split`, or None for any other object, an unbuilt cell, a cell
     computing in half precision (a mixed policy: one `[time * batch]`-row
     float16 sum rounds unlike Keras' per-step ones, and under float16 loss
     scaling the kernel's one-matmul gradient overflowed where Keras' did
-    not, so the LossScaleOptimizer skipped a step Keras took), or a cell
-    with `dropout` or `recurrent_dropout` (its masks are drawn per run by
-    the step's `start`; hoisting them is not done yet).
+    not, so the LossScaleOptimizer skipped a step Keras took), and, when
+    `training` is True, a cell with `recurrent_dropout` or with `dropout`
+    and `implementation=1` (Keras applies a row of the mask per gate
+    there); a dropout cell with a tensor `training` (the draw would need a
+    `tf.cond`). With `training` False or None Keras applies no dropout and
+    an LSTM or GRU cell splits as without it (a `SimpleRNNCell` draws its
+    mask even then, so it does not split).
   """
-  del training
   if type(cell) not in _CELLS or not cell.built:
     return None
   if cell.compute_dtype != cell.variable_dtype:
     return None
-  if cell.dropout > 0 or cell.recurrent_dropout > 0:
+  dropout = _dropout_split(cell, training)
+  if dropout is None:
     return None
   if isinstance(cell, keras.layers.LSTMCell):
     core = _lstm_core(cell)
@@ -147,8 +160,9 @@ def cell_split(cell: Any, training: Any) -> Split | None:
   if (cell.use_bias and isinstance(cell, keras.layers.GRUCell)
       and cell.reset_after):
     recurrent.append(cell.bias)  # Its recurrent half, bias[1].
-  return Split(_cell_project(cell), _in_dtype_scope(cell, core),
-               Variables(recurrent, cell.non_trainable_variables))
+  return Split(_cell_project(cell, dropout), _in_dtype_scope(cell, core),
+               Variables(recurrent, []),  # The core reads no other.
+               draws=dropout)
 
 
 def _cast(value, dtype):
@@ -172,6 +186,24 @@ def _in_dtype_scope(cell, core: Callable) -> Callable:
   return scoped
 
 
+def _dropout_split(cell, training) -> bool | None:
+  """Whether the cell's input half applies an input dropout mask (True),
+  has no dropout to apply (False), or cannot split (None)."""
+  if not (cell.dropout > 0 or cell.recurrent_dropout > 0):
+    return False
+  if tf.is_tensor(training):
+    return None
+  if training is not True:
+    # Keras' SimpleRNNCell draws its mask even when not training (a seed
+    # consumed per call); the others leave dropout alone.
+    return None if isinstance(cell, keras.layers.SimpleRNNCell) else False
+  if cell.recurrent_dropout > 0:
+    return None
+  if cell.dropout >= 1 or getattr(cell, "implementation", 2) == 1:
+    return None  # No mask applied / a row of the mask per gate (Keras').
+  return True
+
+
 def _input_bias(cell) -> tf.Tensor | None:
   if not cell.use_bias:
     return None
@@ -180,11 +212,17 @@ def _input_bias(cell) -> tf.Tensor | None:
   return cell.bias
 
 
-def _cell_project(cell) -> Callable:
+def _cell_project(cell, dropout: bool) -> Callable:
+  """The cell's input half; with `dropout`, the run's input mask applied
+  first (drawn here, once per run)."""
   def project(x, training, time_axis):
-    del training, time_axis  # Row by row, no dropout: either layout.
+    del training  # Decided by `cell_split`.
     with _fastpath.layer_dtype_scope(cell):
       x = _cast(x, cell.compute_dtype)  # As Keras' __call__ casts x_t.
+      if dropout:
+        batch = tf.shape(x)[1 - time_axis]
+        (mask, _), = _dropout.draw([cell], batch)
+        x = x * tf.expand_dims(mask, time_axis)
       kernel = tf.convert_to_tensor(cell.kernel)
       projected = over_sequence(lambda rows: tf.matmul(rows, kernel), x)
       bias = _input_bias(cell)

@@ -97,14 +97,16 @@ class Step:
     if halves is None:
       return None
     return _hoist.Split(halves.project,
-                        self._core_step(halves.core, halves.module))
+                        self._core_step(halves.core, halves.module,
+                                        halves.draws), draws=halves.draws)
 
-  def _core_step(self, core: Any, module: Any) -> "Step":
+  def _core_step(self, core: Any, module: Any, drawn: bool) -> "Step":
     if isinstance(core, Step):
       return core
 
     def start(batch_size, training):
-      self.start(batch_size, training)  # What the whole step draws per run.
+      if not drawn:  # What the whole step draws per run.
+        self.start(batch_size, training)
       return core_step
 
     core_step = Step(lambda x, s, training: core(x, s, training),

@@ -40,6 +40,15 @@ def _stacked():
                                          recurrent_dropout=0.6)])
 
 
+def _input_dropout_cell(kind):
+  cell = {"gru": lambda: keras.layers.GRUCell(3, dropout=0.5),
+          "lstm": lambda: keras.layers.LSTMCell(3, dropout=0.4),
+          "simple_rnn": lambda: keras.layers.SimpleRNNCell(3, dropout=0.3)
+          }[kind]()
+  cell.build((None, FEATURES))
+  return cell
+
+
 class _SameSeeds:
   """Runs functions from the same `SeedGenerator` states of `cells`."""
 
@@ -67,7 +76,7 @@ def _loss_and_grads(run, variables):
 
 class DropoutCellTest(tf.test.TestCase, parameterized.TestCase):
 
-  def assert_same_as_keras(self, step, cell, mode, **kwargs):
+  def assert_same_as_keras(self, step, cell, mode, hoisted=False, **kwargs):
     x = _x()
     layer = keras.layers.RNN(cell, return_sequences=True)
     layer(x)  # Builds the cell.
@@ -79,11 +88,17 @@ class DropoutCellTest(tf.test.TestCase, parameterized.TestCase):
     (outputs, grads), seeds_after = seeds.run(testing.in_mode(
         _loss_and_grads(lambda x: stepper.model_rnn(
             step, x, training=True, **kwargs)[0], variables), mode), x)
-    # Same ops on the same masks: bitwise equal forward; the gradients too
-    # without remat (remat sums a segment's gradients in another order).
-    self.assertAllEqual(outputs, expected)
-    testing.assert_nests_close(grads, expected_grads,
-                               rtol=1e-6 if kwargs else 0, atol=1e-7)
+    if hoisted:  # The input half for all steps: sums grouped otherwise.
+      testing.assert_nests_close([outputs, grads],
+                                 [expected, expected_grads], rtol=1e-5,
+                                 atol=1e-6)
+    else:
+      # Same ops on the same masks: bitwise equal forward; the gradients
+      # too without remat (remat sums a segment's gradients in another
+      # order).
+      self.assertAllEqual(outputs, expected)
+      testing.assert_nests_close(grads, expected_grads,
+                                 rtol=1e-6 if kwargs else 0, atol=1e-7)
     self.assertAllEqual(seeds_after, expected_seeds)
     # Dropout is on: the run differs from the one without it.
     self.assertNotAllClose(outputs, stepper.model_rnn(step, x)[0])
@@ -94,6 +109,45 @@ class DropoutCellTest(tf.test.TestCase, parameterized.TestCase):
   def test_cell_matches_keras_rnn(self, make_cell, mode):
     cell = make_cell()
     self.assert_same_as_keras(cell, cell, mode)
+
+  @parameterized.named_parameters(
+      ("gru_eager", "gru", "eager", {}),
+      ("lstm_function_unroll", "lstm", "function", dict(unroll=2)),
+      ("simple_rnn_xla", "simple_rnn", "xla", {}),
+      ("lstm_remat", "lstm", "eager", dict(remat=2)))
+  def test_input_dropout_is_hoisted_like_keras_rnn(self, kind, mode, kwargs):
+    # Input dropout only: the input half draws the run's mask from the
+    # cell's generator (as Keras does before its loop) and applies it to
+    # every step before the one [time * batch] matmul.
+    cell = _input_dropout_cell(kind)
+    self.assertTrue(stepper.steps.as_step(cell).split(True).draws)
+    self.assert_same_as_keras(cell, cell, mode, hoisted=True, **kwargs)
+
+  def test_hoisted_input_dropout_with_reverse_and_mask(self):
+    cell = _input_dropout_cell("gru")
+    x = _x()
+    mask = tf.constant(np.random.default_rng(3).random((BATCH, TIME)) > 0.3)
+    seeds = _SameSeeds([cell])
+    runs = [seeds.run(_loss_and_grads(lambda x, hoist=hoist: stepper.model_rnn(
+        cell, x, training=True, reverse=True, mask=mask, hoist=hoist)[0],
+                                      cell.trainable_variables), x)
+            for hoist in (True, False)]
+    (hoisted, seeds_hoisted), (per_step, seeds_per_step) = runs
+    testing.assert_nests_close(hoisted, per_step, rtol=1e-5, atol=1e-6)
+    self.assertAllEqual(seeds_hoisted, seeds_per_step)
+
+  def test_what_does_not_split_with_dropout(self):
+    as_step = stepper.steps.as_step
+    both = keras.layers.GRUCell(3, dropout=0.5, recurrent_dropout=0.2)
+    simple = keras.layers.SimpleRNNCell(3, dropout=0.5)
+    per_gate = keras.layers.LSTMCell(3, dropout=0.5, implementation=1)
+    for cell in (both, simple, per_gate):
+      cell.build((None, FEATURES))
+    self.assertIsNone(as_step(both).split(True))  # Recurrent dropout.
+    self.assertIsNotNone(as_step(both).split(False))  # Keras applies none.
+    self.assertIsNone(as_step(simple).split(False))  # Draws even then.
+    self.assertIsNone(as_step(per_gate).split(True))  # A mask row per gate.
+    self.assertIsNone(as_step(both).split(tf.constant(True)))
 
   def test_remat_replays_the_masks_of_keras_rnn(self):
     cell = _stacked()
