@@ -244,8 +244,8 @@ def _plain_model_rnn(cell: keras.layers.Layer, x: tf.Tensor) -> tf.Tensor:
     return stepper.model_rnn(cell, x, hoist=False)[0]
 
 
-def _unhoisted_model_rnn(cell: keras.layers.Layer, x: tf.Tensor) -> tf.Tensor:
-  return stepper.model_rnn(cell, x, hoist=False)[0]
+def _hoisted_model_rnn(cell: keras.layers.Layer, x: tf.Tensor) -> tf.Tensor:
+  return stepper.model_rnn(cell, x, hoist=True)[0]
 
 
 def _run_chunks(gradient: str, chunk_size: int) -> Callable:
@@ -333,13 +333,13 @@ _BUILDERS = {
     "stepper_xla_unroll4": (
         "stepper.model_rnn(unroll=4) in tf.function(jit_compile=True)",
         lambda c, cell, k: _graph(_model_rnn_unroll4, cell, jit_compile=True)),
-    "stepper_nohoist": (
-        "stepper.model_rnn(hoist=False): x_t @ kernel inside the loop, "
-        "tf.function",
-        lambda c, cell, k: _graph(_unhoisted_model_rnn, cell)),
-    "stepper_nohoist_xla": (
-        "stepper.model_rnn(hoist=False) in tf.function(jit_compile=True)",
-        lambda c, cell, k: _graph(_unhoisted_model_rnn, cell,
+    "stepper_hoist": (
+        "stepper.model_rnn(hoist=True): the input half (x @ kernel) for all "
+        "steps before the loop, tf.function",
+        lambda c, cell, k: _graph(_hoisted_model_rnn, cell)),
+    "stepper_hoist_xla": (
+        "stepper.model_rnn(hoist=True) in tf.function(jit_compile=True)",
+        lambda c, cell, k: _graph(_hoisted_model_rnn, cell,
                                   jit_compile=True)),
     "stepper_plain": (
         "stepper.model_rnn without its fast paths (before), tf.function",
@@ -392,6 +392,9 @@ for _suffix, _make, _what in (
           f"stepper.model_rnn({_what}) in tf.function(jit_compile=True)",
           lambda c, cell, k, make=_make: _with(make, _model_rnn, c,
                                                jit_compile=True)),
+      f"stepper_{_suffix}_hoist": (
+          f"stepper.model_rnn({_what}, hoist=True) in tf.function",
+          lambda c, cell, k, make=_make: _with(make, _hoisted_model_rnn, c)),
   })
 
 NAMES = tuple(_BUILDERS)

@@ -54,7 +54,7 @@ def run_chunks(
     unroll: int = 1,
     swap_memory: bool = False,
     remat: int | str | None = None,
-    hoist: bool = True,
+    hoist: bool = False,
 ) -> tuple[Nest, Nest]:
   """Runs `step` over `inputs` chunk by chunk, carrying the state.
 

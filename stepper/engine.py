@@ -39,7 +39,7 @@ def model_rnn(
     zero_output_for_mask: bool = False,
     resets: tf.Tensor | None = None,
     remat: int | str | None = None,
-    hoist: bool = True,
+    hoist: bool = False,
     _reset_to: Nest | None = None,
 ) -> tuple[Nest, Nest] | tuple[Nest, Nest, Nest]:
   """Runs a one-step model over every time step of `inputs`.
@@ -101,12 +101,17 @@ def model_rnn(
       seeds) are replayed.
     hoist: Compute the step's input half for all steps at once, before the
       loop (one `[time * batch, features] x [features, k * units]` matmul for
-      a built-in Keras cell; the layers a functional step model applies to
-      `x_t` alone; the `project` of a `stepper.steps.split` step), and run
-      only the rest in the loop. Same results up to float rounding. Steps
-      that do not split run as they are (cells with dropout, cells that
-      compute in half precision, layers that may mix rows or draw random
-      numbers). `False` runs the whole step at every step.
+      a built-in Keras cell, its input dropout mask applied first; the
+      layers a functional step model applies to `x_t` alone; the `project`
+      of a `stepper.steps.split` step), and run only the rest in the loop.
+      Same results up to float rounding. Steps that do not split run as
+      they are (cells with recurrent dropout, cells that compute in half
+      precision, layers that may mix rows or draw random numbers). Off by
+      default: on CPU TensorFlow's executor already overlaps `x_t @ kernel`
+      of later steps with the recurrence, so hoisting measured no faster
+      in training and up to 1.24x slower in inference, and under XLA it
+      doubles the buffers (README, Speed). It is the layout cuDNN uses on
+      GPUs, where it is worth measuring.
     _reset_to: Private (for `stepper.chunking`): the states a reset sets,
       nested like the states, when they differ from `initial_states` (a
       chunk starts from the carried state but resets to the run's start).

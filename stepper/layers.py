@@ -67,7 +67,7 @@ class StepRNN(keras.layers.Layer):
       `True` unrolls every step (the time dimension must be known), `False`
       is 1.
     hoist: Compute the step's input half for all steps before the loop (see
-      `stepper.model_rnn`); `False` runs the whole step at every step.
+      `stepper.model_rnn`; off by default, as there).
     **kwargs: `keras.layers.Layer` arguments (`name`, `dtype`, ...). The
       dtype defaults to the step's dtype policy when the step is a layer.
 
@@ -87,7 +87,7 @@ class StepRNN(keras.layers.Layer):
   def __init__(self, step: Any, return_sequences: bool = True,
                return_state: bool = False, go_backwards: bool = False,
                stateful: bool = False, zero_output_for_mask: bool = False,
-               unroll: int | bool = 1, hoist: bool = True, **kwargs):
+               unroll: int | bool = 1, hoist: bool = False, **kwargs):
     _checks.check_bool(hoist, "hoist")
     if isinstance(step, (list, tuple)):  # As keras.layers.RNN.
       step = keras.layers.StackedRNNCells(step)

@@ -438,16 +438,16 @@ def _from_callable(fn: Callable) -> Step:
 
 def split(project: Callable[..., Nest], core: Any, *,
           name: str | None = None) -> Step:
-  """A step `core(project(x_t), states)` whose `project` runs once per
-  sequence: stepper hoists it out of the loop.
+  """A step `core(project(x_t), states)` whose `project` can run once per
+  sequence: `model_rnn(..., hoist=True)` hoists it out of the loop.
 
   `project` is the step's input half: it must compute each row from that
   row of `x_t` alone, deterministically (a `Dense` layer, an embedding
   lookup, a normalization over features; not dropout, not batch statistics).
-  The engine calls it once on all steps, with `time * batch` rows, before
-  its loop; the loop runs only `core`. `model_rnn(..., hoist=False)` calls
-  `project` inside the loop at every step instead, with the same result up
-  to float rounding.
+  With `hoist=True` the engine calls it once on all steps, with `time *
+  batch` rows, before its loop, and the loop runs only `core`. By default
+  (`hoist=False`) it runs inside the loop at every step, with the same
+  result up to float rounding.
 
   >>> dense = keras.layers.Dense(8)
   >>> def core(p_t, states):
@@ -455,7 +455,7 @@ def split(project: Callable[..., Nest], core: Any, *,
   ...   return h, [h]
   >>> step = stepper.steps.split(dense, core)
   >>> x = tf.random.normal([4, 20, 3])
-  >>> outputs, _ = stepper.model_rnn(step, x, [tf.zeros([4, 8])])
+  >>> outputs, _ = stepper.model_rnn(step, x, [tf.zeros([4, 8])], hoist=True)
   >>> outputs.shape
   TensorShape([4, 20, 8])
 

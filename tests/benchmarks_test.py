@@ -24,7 +24,8 @@ _TINY = variants.Config("tiny", batch=2, time=5, units=3, features=4)
 # cuts them on purpose).
 _LOOPS = ("keras_rnn", "eager_loop", "tf_scan", "stepper", "stepper_xla",
           "stepper_unroll4", "stepper_xla_unroll4", "stepper_plain",
-          "stepper_plain_xla", "while_loop_xla", "run_chunks_through")
+          "stepper_plain_xla", "while_loop_xla", "run_chunks_through",
+          "stepper_hoist", "stepper_hoist_xla")
 
 
 class VariantsTest(parameterized.TestCase):

@@ -87,7 +87,8 @@ class DropoutCellTest(tf.test.TestCase, parameterized.TestCase):
                                                            x)
     (outputs, grads), seeds_after = seeds.run(testing.in_mode(
         _loss_and_grads(lambda x: stepper.model_rnn(
-            step, x, training=True, **kwargs)[0], variables), mode), x)
+            step, x, training=True, hoist=hoisted, **kwargs)[0], variables),
+        mode), x)
     if hoisted:  # The input half for all steps: sums grouped otherwise.
       testing.assert_nests_close([outputs, grads],
                                  [expected, expected_grads], rtol=1e-5,

@@ -172,7 +172,8 @@ class EngineTest(parameterized.TestCase):
   def test_hoisted_loop_runs_only_the_recurrent_matmul(self):
     cell = _cell("lstm", dtype="float32")
     x, _ = _data("float32")
-    hoisted = _loop_matmuls(lambda x: stepper.model_rnn(cell, x)[0], x)
+    hoisted = _loop_matmuls(
+        lambda x: stepper.model_rnn(cell, x, hoist=True)[0], x)
     per_step = _loop_matmuls(
         lambda x: stepper.model_rnn(cell, x, hoist=False)[0], x)
     self.assertEqual((hoisted, per_step), (1, 2))
@@ -193,7 +194,8 @@ class EngineTest(parameterized.TestCase):
     testing.assert_nests_close(_gradients(deep, x, h0, True, mask=mask),
                                _gradients(deep, x, h0, False, mask=mask),
                                **_F64)
-    self.assertEqual(_loop_matmuls(lambda x: stepper.model_rnn(deep, x)[0], x),
+    self.assertEqual(_loop_matmuls(
+        lambda x: stepper.model_rnn(deep, x, hoist=True)[0], x),
                      _loop_matmuls(lambda x: stepper.model_rnn(
                          deep, x, hoist=False)[0], x) - 1)
 
@@ -216,13 +218,16 @@ class EngineTest(parameterized.TestCase):
     x, _ = _data()
     states = cell.get_initial_state(BATCH)
     testing.assert_nests_close(
-        stepper.run_chunks(cell, x, 4, states, hoist=False),
+        stepper.run_chunks(cell, x, 4, states, hoist=True),
         stepper.run_chunks(cell, x, 4, states), **_F64)
-    layer = stepper.StepRNN(cell, hoist=False)
-    self.assertFalse(layer.get_config()["hoist"])
-    self.assertFalse(stepper.StepRNN.from_config(layer.get_config()).hoist)
-    self.assertEqual(_loop_matmuls(layer, x), 2)  # x_t @ kernel per step.
-    self.assertEqual(_loop_matmuls(stepper.StepRNN(cell), x), 1)
+    layer = stepper.StepRNN(cell, hoist=True)
+    self.assertTrue(layer.get_config()["hoist"])
+    self.assertTrue(stepper.StepRNN.from_config(layer.get_config()).hoist)
+    self.assertEqual(_loop_matmuls(layer, x), 1)
+    # Off by default: x_t @ kernel per step.
+    self.assertEqual(_loop_matmuls(stepper.StepRNN(cell), x), 2)
+    self.assertEqual(_loop_matmuls(
+        lambda x: stepper.model_rnn(cell, x)[0], x), 2)
     with self.assertRaisesRegex(TypeError, "`hoist` must be a bool; got 'no'"):
       stepper.StepRNN(cell, hoist="no")
     with self.assertRaisesRegex(TypeError, "`hoist` must be a bool; got 0"):
