@@ -405,7 +405,7 @@ def floor_of(name: str) -> str:
   """The hand-written loop a variant's ratio is taken to: `while_loop`, or
   the `_gru` / `_model` rows' own loop."""
   for suffix in ("_gru", "_model"):
-    if name.endswith(suffix) or name.endswith(suffix + "_xla"):
+    if name.endswith(suffix) or suffix + "_" in name:  # `_xla`, `_hoist`.
       return FLOOR + suffix
   return FLOOR
 
