@@ -30,6 +30,13 @@ _LOOPS = ("keras_rnn", "eager_loop", "tf_scan", "stepper", "stepper_xla",
 
 class VariantsTest(parameterized.TestCase):
 
+  def test_every_variant_is_paired_with_the_loop_of_its_own_step(self):
+    for name in variants.NAMES:
+      expected = ("while_loop_gru" if "_gru" in name  # keras_gru too.
+                  else "while_loop_model" if "_model" in name
+                  else "while_loop")
+      self.assertEqual(variants.floor_of(name), expected, name)
+
   @parameterized.named_parameters((name, name) for name in _LOOPS)
   def test_loop_variant_matches_hand_written_loop(self, name):
     # The benchmark compares loops around one cell: each must compute the same
