@@ -137,9 +137,9 @@ def model_rnn(
                      ("return_sequences", return_sequences),
                      ("return_all_states", return_all_states),
                      ("swap_memory", swap_memory),
-                     ("zero_output_for_mask", zero_output_for_mask)):
+                     ("zero_output_for_mask", zero_output_for_mask),
+                     ("hoist", hoist)):
     _checks.check_bool(flag, name)
-  _checks.check_bool(hoist, "hoist")
   _checks.check_positive_int(unroll, "unroll")
   remat_lib.check_remat(remat)
   if parallel_iterations is not None:

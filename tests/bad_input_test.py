@@ -104,6 +104,9 @@ def _model_rnn_cases():
             r"`initial_states`", r"callable '_add'"),
   )
   # inputs
+  def _rnn_of_dict(a, b):
+    return stepper.model_rnn(_add, {"a": a, "b": b}, [tf.zeros([2, 2])])
+
   bad += [
       _Case("inputs_rank_2", _rnn(), dict(inputs=_ones(2, 3)), ValueError,
             r"inputs has shape", r"\(2, 3\)",
@@ -119,14 +122,12 @@ def _model_rnn_cases():
       _Case("inputs_features_to_cell", _rnn(), dict(inputs=_ones(2, 4, 5)),
             ValueError, r"`inputs`", r"5"),
       _Case("inputs_batch_disagree",
-            lambda a, b: stepper.model_rnn(_add, {"a": a, "b": b},
-                                           [tf.zeros([2, 2])]),
+            _rnn_of_dict,
             dict(a=_ones(2, 4, 3), b=_ones(3, 4, 3)), ValueError,
             _Q_B, r"3",
             unknown=(_RUNTIME, _Q_B + r".*different batch sizes.*3")),
       _Case("inputs_time_disagree",
-            lambda a, b: stepper.model_rnn(_add, {"a": a, "b": b},
-                                           [tf.zeros([2, 2])]),
+            _rnn_of_dict,
             dict(a=_ones(2, 4, 3), b=_ones(2, 6, 3)), ValueError,
             _Q_B, r"6",
             unknown=(_RUNTIME, _Q_B + r".*time steps.*6")),
