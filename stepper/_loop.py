@@ -108,13 +108,12 @@ def pop(handle: tf.Tensor, spec: tf.TensorSpec) -> tuple[tf.Tensor,
 class _Feed(NamedTuple):
   """What one run's step body reads besides its carry."""
   call: Any  # The step's per-run function (`Step.start`).
-  time: int | tf.Tensor  # Steps in the input arrays.
-  input_tas: list[tf.TensorArray]  # Read by index; or, when empty,
+  time: int | tf.Tensor  # Steps in the control and output arrays.
   input_lists: list[tf.Tensor]  # `step_list`s popped in running order.
   input_specs: list[tf.TensorSpec]  # One step of each input.
   control_tas: dict[str, tf.TensorArray]  # "mask" and/or "resets" rows.
   flat_reset: list[tf.Tensor]  # The states a reset sets.
-  reverse: bool  # Read the arrays from the last step.
+  reverse: bool  # Index the arrays from the last step.
 
 
 class Loop:
@@ -180,7 +179,6 @@ class Loop:
     feed = _Feed(
         call=self._step.start(batch, self._training),
         time=time.value,
-        input_tas=[],
         input_lists=[step_list(x, self._reverse) for x in flat_x],
         input_specs=[tf.TensorSpec(x.shape[1:], x.dtype) for x in flat_x],
         control_tas={
@@ -243,8 +241,9 @@ class Loop:
       after the segment.
     """
     feed = _Feed(call=call, time=n,
-                 input_tas=[unstack(v, n) for v in flat_x], input_lists=[],
-                 input_specs=[],
+                 input_lists=[step_list(v) for v in flat_x],
+                 input_specs=[tf.TensorSpec(v.shape[1:], v.dtype)
+                              for v in flat_x],
                  control_tas={name: unstack(v, n)
                               for name, v in controls.items()},
                  flat_reset=reset_to or self._flat_reset, reverse=False)
@@ -265,7 +264,8 @@ class Loop:
     the remainder (`< unroll` steps) in a second, one-step loop.
 
     Args:
-      feed: What the body reads (`run` and `run_segment` build it).
+      feed: What the body reads (`run` and `run_segment` build it); its
+        input lists hold the steps from `start` on.
       carry: `(out_tas, state_tas, flat_states, last)`.
       start: First step, `0` or a scalar.
       stop: One past the last step (an int or a scalar tensor).
@@ -302,13 +302,10 @@ class Loop:
   def _one_step(self, feed, t, lists, carry):
     out_tas, state_tas, flat_states, last = carry
     idx = feed.time - 1 - t if feed.reverse else t
-    if feed.input_tas:
-      flat_x = [ta.read(idx) for ta in feed.input_tas]
-    else:
-      popped = [pop(h, s) for h, s in zip(lists, feed.input_specs)]
-      lists = [rest for rest, _ in popped]
-      flat_x = [x_t for _, x_t in popped]
-    x_t = tf.nest.pack_sequence_as(self._x_structure, flat_x)
+    popped = [pop(h, s) for h, s in zip(lists, feed.input_specs)]
+    lists = [rest for rest, _ in popped]
+    x_t = tf.nest.pack_sequence_as(self._x_structure,
+                                   [x_t for _, x_t in popped])
     if "resets" in feed.control_tas:
       reset = feed.control_tas["resets"].read(idx)
       flat_states = [select(reset, init, s)

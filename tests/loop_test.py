@@ -84,8 +84,9 @@ class LoopTest(tf.test.TestCase):
     step, states, loop = self._loop(cell, x)
     feed = _loop._Feed(  # pylint: disable=protected-access
         call=step.start(BATCH), time=TIME,
-        input_tas=[_loop.unstack(x, TIME)], input_lists=[], input_specs=[],
-        control_tas={},
+        # The list holds the steps from the first one run on.
+        input_lists=[_loop.step_list(x[2:])],
+        input_specs=[tf.TensorSpec(x.shape[1:], x.dtype)], control_tas={},
         flat_reset=tf.nest.flatten(states), reverse=False)
     out_ta = tf.TensorArray(tf.float32, size=TIME,
                             element_shape=[BATCH, UNITS])
