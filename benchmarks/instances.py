@@ -3,10 +3,10 @@
 (Flag names differ from `benchmarks.rnn`'s: absl flags are global.)
 
 A graph-mode `tf.function` around a `tf.while_loop` runs at one of two speeds
-on a 2-core CPU, fixed per traced instance (see README, "Speed"). This app
-shows it: every copy's median paired ratio to the first copy of the
-hand-written loop, one line per copy. With `--inter_op_threads=1` the two
-speeds become one.
+on a 2-core CPU, fixed per traced instance (see
+docs/guides/performance.md). This app shows it: every copy's median paired
+ratio to the first copy of the hand-written loop, one line per copy. With
+`--inter_op_threads=1` the two speeds become one.
 
     python -m benchmarks.instances --config=medium --copies=4
     python -m benchmarks.instances --config=medium --inter_op_threads=1

@@ -1,4 +1,4 @@
-"""Markdown tables from the benchmark's JSON results; README update."""
+"""Markdown tables from the benchmark's JSON results; docs page update."""
 
 import re
 
@@ -79,7 +79,7 @@ def _sweep_table(sweep: dict) -> list[str]:
 
 
 def markdown(results: dict) -> str:
-  """The README table: every config, the sweep, entry overhead, method."""
+  """The benchmarks page's table: configs, sweep, entry overhead, method."""
   m = results["machine"]
   processes = results["options"].get("processes", 1)
   repeats = results["options"]["repeats"]

@@ -4,7 +4,7 @@ Forward+backward (loss and gradients of every weight) and inference of each
 variant (see `benchmarks/variants.py`) run in this one process, interleaved,
 after warm-up; every timing, the machine and the versions go to a JSON file
 and a Markdown table (ratios to the hand-written `tf.while_loop`, the floor)
-to stdout, optionally into README.md between the benchmark markers.
+to stdout, optionally into docs/benchmarks.md between the benchmark markers.
 
     python -m benchmarks.rnn --quick
     python -m benchmarks.rnn --configs=small,medium,large --repeats=20 \\
@@ -76,12 +76,14 @@ _TABLE = flags.DEFINE_string("table", None,
 _UPDATE_README = flags.DEFINE_bool(
     "update_readme", False, "Replace the table between the benchmark markers "
     "of --readme.")
-_README = flags.DEFINE_string("readme", "README.md", "README to update.")
+_README = flags.DEFINE_string("readme", "docs/benchmarks.md",
+                              "Markdown page to update.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of weights, inputs, order.")
 _PROCESSES = flags.DEFINE_integer(
     "processes", 1, "Time the configs in this many fresh processes (seeds "
     "seed, seed+1, ...) and pool them. A graph-mode loop runs at one of two "
-    "speeds per traced function (README, 'Speed'): one process is one draw.",
+    "speeds per traced function (docs/guides/performance.md): one process "
+    "is one draw.",
     lower_bound=1)
 
 

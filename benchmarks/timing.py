@@ -90,7 +90,7 @@ def pool(per_process: list[dict], floor_per_process: list[list[float] | None]
     `summarize`'s fields over all rounds, except that `ratio_min` and
     `ratio_max` span the per-process medians of the paired ratios (one
     process is one draw of how TensorFlow schedules a traced function, see
-    README); plus `process_ratio_medians`.
+    docs/guides/performance.md); plus `process_ratio_medians`.
   """
   times = [t for r in per_process for t in r["times_s"]]
   summary = summarize(times, None)

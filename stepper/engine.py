@@ -110,8 +110,8 @@ def model_rnn(
       default: on CPU TensorFlow's executor already overlaps `x_t @ kernel`
       of later steps with the recurrence, so hoisting measured no faster
       in training and up to 1.24x slower in inference, and under XLA it
-      doubles the buffers (README, Speed). It is the layout cuDNN uses on
-      GPUs, where it is worth measuring.
+      doubles the buffers (docs/guides/performance.md). It is the layout
+      cuDNN uses on GPUs, where it is worth measuring.
     _reset_to: Private (for `stepper.chunking`): the states a reset sets,
       nested like the states, when they differ from `initial_states` (a
       chunk starts from the carried state but resets to the run's start).
