@@ -51,11 +51,24 @@ default_tolerance = verify.default_tolerance
 
 def assert_nests_close(actual: Nest, expected: Nest, *,
                        rtol: float | None = None, atol: float = 0.0,
-                       name: str = "actual") -> None:
+                       name: str = "actual", normwise: bool = False) -> None:
   """Asserts two nests have the same structure and all-close leaves.
 
   Every bad leaf is reported with its path and worst error, e.g.
   `grads[2]: max |err| 3e-03 > atol 0 + rtol 1e-05 * |expected|`.
+
+  `normwise=True` bounds each leaf's error by `rtol * max|expected leaf|`
+  (the normwise relative error in the max norm) instead of by each entry's
+  own size. Use it where two float32 programs sum the same terms in another
+  order (XLA fusion, a hoisted matmul, a remat segment): each entry's
+  rounding error is then a few ulps of the terms it sums, which are about
+  as large as the leaf's largest entries even where cancellation made the
+  entry itself small, so an elementwise bound with a fixed absolute floor
+  holds on one CPU and fails on the next.
+
+  >>> stepper.testing.assert_nests_close(
+  ...     [np.float32([1.0, 1e-6])], [np.float32([1.0, 2e-6])],
+  ...     rtol=1e-5, normwise=True)  # 1e-6 <= 1e-5 * max(1.0, 2e-6).
 
   Args:
     actual: Nest of tensors/arrays (`None` leaves must match `None`).
@@ -63,6 +76,8 @@ def assert_nests_close(actual: Nest, expected: Nest, *,
     rtol: Relative tolerance; default by dtype (`default_tolerance`).
     atol: Absolute tolerance.
     name: Name of `actual` in messages.
+    normwise: Relative to each leaf's largest `|expected|` entry instead of
+      to each entry.
 
   Raises:
     AssertionError: If structures differ or any leaf is not close.
@@ -89,13 +104,17 @@ def assert_nests_close(actual: Nest, expected: Nest, *,
         tf.as_dtype(a.dtype) if a.dtype.kind == "f" else tf.float32)
     a64, e64 = a.astype(np.float64), e.astype(np.float64)
     err = np.abs(a64 - e64)
-    bound = atol + tol * np.abs(e64)
+    scale = np.abs(e64)
+    if normwise and scale.size:
+      scale = np.full_like(scale, np.nanmax(scale))
+    bound = atol + tol * scale
     if not np.all(err <= bound) or np.any(np.isnan(a64) != np.isnan(e64)):
       worst = int(np.argmax(err - bound)) if err.size else 0
       problems.append(
           f"{path}: max |err| {err.max():.3g} > atol {atol:g} + rtol "
-          f"{tol:g} * |expected| (worst at flat index {worst}: actual "
-          f"{a64.flat[worst]:.8g}, expected {e64.flat[worst]:.8g})")
+          f"{tol:g} * {'max ' if normwise else ''}|expected| (worst at flat "
+          f"index {worst}: actual {a64.flat[worst]:.8g}, expected "
+          f"{e64.flat[worst]:.8g})")
   if problems:
     raise AssertionError(
         f"{len(problems)} leaf/leaves not close:\n  " + "\n  ".join(problems))
