@@ -73,9 +73,3 @@ def check_clip_norm(clip: Any) -> float | None:
   # NaN passed `clip <= 0` and turned every weight into NaN; so did inf
   # (the clip factor inf / inf).
   return _checks.check_number(clip, "gradient_clip_norm", positive=True)
-
-
-def check_stream(stream: Any) -> bool:
-  if not isinstance(stream, bool):
-    raise TypeError(f"`stream` must be a bool; got {stream!r}.")
-  return stream

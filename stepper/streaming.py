@@ -74,39 +74,31 @@ class StreamState:
       `k1`'s grid came (no batch may follow), else False.
   """
 
-  def __init__(self, strategy: tf.distribute.Strategy,
-               tbptt: tuple[int, int] | None, initial_state: Callable,
-               carry: bool = True):
+  def __init__(self, strategy: tf.distribute.Strategy, *, k1: int | None,
+               overlap: int):
     """Creates an empty stream.
 
     Args:
       strategy: The strategy whose replicas carry the rows.
-      tbptt: `(k1, k2)`, or `None` for full BPTT.
-      initial_state: `initial_state(batch)`: the step's initial states.
-      carry: False: every batch starts a new stream (independent
-        sequences); nothing is carried.
+      k1: The update grid in steps (every batch but a stream's last must be
+        a multiple of it), or `None` for one update per batch.
+      overlap: Steps of history the next batch's updates run through again
+        (`k2 - k1` for TBPTT, else 0).
     """
     self._strategy = strategy
-    self._carry = carry
-    self._k1 = None if tbptt is None else tbptt[0]
-    self._overlap = 0 if tbptt is None else tbptt[1] - tbptt[0]
+    self._k1 = k1
+    self._overlap = overlap
     self._structures = None  # Set by `build`.
     self._checkpoint = tf.Module(name="stream")
     self._checkpointed = False  # Set by `checkpoint_parts`.
-    self._initial_state = initial_state
     # Per replica, compiled; one function each (the history's length varies
     # only until it reaches `k2 - k1`).
     self._extend = tf.function(self._replica_extend, reduce_retracing=True)
-    self._start = tf.function(self._replica_start, reduce_retracing=True)
     self._tail = tf.function(self._replica_tail, reduce_retracing=True)
     self.reset()
 
   def _replica_extend(self, history: tuple, element: tuple) -> tuple:
     return self._strategy.run(extend, (history, element))
-
-  def _replica_start(self, targets: tf.Tensor) -> Nest:
-    return self._strategy.run(
-        lambda t: self._initial_state(tf.shape(t)[0]), (targets,))
 
   def _replica_tail(self, element: tuple) -> tuple:
     return self._strategy.run(lambda e: tail(e, self._overlap), (element,))
@@ -118,21 +110,6 @@ class StreamState:
     self.history = None
     self.ended = False
     self._rows = None
-
-  def check_spec(self, spec: tuple, name: str) -> None:
-    """Static checks of a stream dataset's `element_spec`.
-
-    Raises:
-      ValueError: If the batches' static length is not a multiple of `k1`.
-    """
-    time = tf.nest.flatten(spec[1])[0].shape[1]
-    if self._k1 is not None and time is not None and time % self._k1:
-      raise ValueError(
-          f"`{name}` has {time} steps per batch; in stream mode with "
-          f"truncated BPTT every batch's length must be a multiple of k1 = "
-          f"{self._k1} (only a stream's last batch may be shorter), so that "
-          "the updates continue across batches. Use a window that is a "
-          "multiple of k1 (stepper.data.streams(..., window=...)).")
 
   def begin(self, element: tuple) -> tuple[tuple, Any, int, int]:
     """The next batch, checked and extended by the history.
@@ -150,8 +127,6 @@ class StreamState:
       ValueError: If the rows changed since the last batch, or a batch
         follows the stream's last (shorter) batch.
     """
-    if not self._carry:
-      self.reset()
     local = self._strategy.experimental_local_results(element[1])
     rows = tuple(int(t.shape[0]) for t in local)
     if self._rows is not None and rows != self._rows:
@@ -176,32 +151,6 @@ class StreamState:
         self.history[1])[0].shape[1])
     return self._extend(self.history, element), self.states, offset, time
 
-  def train_batch(self, element: tuple,
-                  update: Callable) -> list[tuple[tf.Tensor, tf.Tensor]]:
-    """Trains on the next batch of the stream; returns every update's
-    `(loss, grad_norm)`.
-
-    Args:
-      element: The (distributed) dataset element.
-      update: `update(element, states) -> (loss, grad_norm, final_states)`
-        with full BPTT; with TBPTT `update(element, states, j, offset)` ->
-        `(loss_j, grad_norm, next_states)`, update `j` of the batch.
-    """
-    element, states, offset, time = self.begin(element)
-    if states is None:  # Each replica's initial states for its rows.
-      states = self._start(element[1])
-    if self._k1 is None:
-      loss, grad_norm, states = update(element, states)
-      updates = [(loss, grad_norm)]
-    else:
-      updates = []
-      for j in range(-(-time // self._k1)):
-        loss, grad_norm, states = update(element, states, tf.constant(j),
-                                         tf.constant(offset))
-        updates.append((loss, grad_norm))
-    self.end(element, states, time)
-    return updates
-
   def end(self, element: tuple, states: Any, time: int) -> None:
     """Records what the batch just trained leaves for the next one.
 
@@ -210,8 +159,6 @@ class StreamState:
       states: The states entering the next update's window (per replica).
       time: The batch's own number of steps.
     """
-    if not self._carry:
-      return
     self.states = states
     self.history = self._tail(element) if self._overlap else None
     if self._k1 is not None and time % self._k1:
@@ -222,7 +169,7 @@ class StreamState:
   def build(self, states: Nest, element_spec: tuple) -> None:
     """Creates the checkpoint variables, like `states` (one replica's, any
     batch) and the dataset's `element_spec` (any number of steps)."""
-    if self._structures is not None or not self._carry:
+    if self._structures is not None:
       return
     def variable(spec, name):  # Any shape: rows and steps vary.
       return tf.Variable(tf.zeros([0], spec.dtype), trainable=False,
@@ -237,7 +184,7 @@ class StreamState:
 
   def checkpoint_parts(self) -> dict:
     """What a `tf.train.Checkpoint` of a trainer without a strategy holds
-    for this stream (nothing without `carry`); `save` and `restore` then
+    for this stream; `save` and `restore` then
     move the carried tensors in and out."""
     if self._structures is None:
       return {}
@@ -278,13 +225,28 @@ class StreamState:
     self.ended = ended
 
 
+def check_stream_spec(spec: tuple, k1: int | None, name: str) -> None:
+  """Static checks of a stream dataset's `element_spec`.
+
+  Raises:
+    ValueError: If the batches' static length is not a multiple of `k1`.
+  """
+  time = tf.nest.flatten(spec[1])[0].shape[1]
+  if k1 is not None and time is not None and time % k1:
+    raise ValueError(
+        f"`{name}` has {time} steps per batch; in stream mode with "
+        f"truncated BPTT every batch's length must be a multiple of k1 = "
+        f"{k1} (only a stream's last batch may be shorter), so that "
+        "the updates continue across batches. Use a window that is a "
+        "multiple of k1 (stepper.data.streams(..., window=...)).")
+
+
 def check_element_spec(spec: Any, name: str,
-                       stream: StreamState | None = None,
                        static_time: bool = False) -> tuple:
   """A training dataset's elements must be `(inputs, targets)` or
   `(inputs, targets, resets)`: inputs `[batch, time, ...]` (known after
   `time`; `time` too with `static_time`), one targets tensor, `resets` bool
-  `[batch, time]`. With a training `stream`, also its `check_spec`.
+  `[batch, time]`.
 
   Returns:
     The inputs' and the targets' specs.
@@ -319,8 +281,6 @@ def check_element_spec(spec: Any, name: str,
     if resets.shape.rank != 2:
       raise ValueError(f"`{name}` resets must be bool [batch, time]; got "
                        f"shape {tuple(resets.shape)}.")
-  if stream is not None:
-    stream.check_spec(spec, name)
   return spec[0], spec[1]
 
 

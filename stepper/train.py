@@ -28,14 +28,13 @@ import tensorflow as tf
 from tensorflow.core.framework import summary_pb2
 
 from stepper import _checks
-from stepper import _loop
 from stepper import _targets
 from stepper import _train_args
 from stepper import callbacks as callbacks_lib
 from stepper import engine
 from stepper import steps as steps_lib
 from stepper import streaming
-from stepper import tbptt as tbptt_lib
+from stepper import update_rules
 
 Nest = Any
 
@@ -98,7 +97,8 @@ class Trainer:
                strategy: tf.distribute.Strategy | None = None,
                logdir: str | None = None,
                checkpoint_dir: str | None = None,
-               jit_compile: bool = False, stream: bool = False):
+               jit_compile: bool = False, stream: bool = False,
+               hoist: bool = False):
     """Configures the training loop; nothing runs or builds yet.
 
     Args:
@@ -130,10 +130,14 @@ class Trainer:
         `stepper.data.streams`: shuffled rows cannot be detected); the state
         is carried across batches, with TBPTT as in one batch holding the
         whole streams. Semantics: `stepper.streaming`. Per-step targets.
+      hoist: Passed to `model_rnn`: compute the step's input half for all
+        steps before the loop (see `model_rnn`). Same results up to float
+        rounding.
 
     Raises:
       TypeError: If `loss` is not callable, `optimizer` is not a Keras
-        optimizer, or `strategy` is not a `tf.distribute.Strategy`.
+        optimizer, `strategy` is not a `tf.distribute.Strategy`, or
+        `jit_compile`, `stream` or `hoist` is not a bool.
       ValueError: If `tbptt` is not `None` or `(k1, k2)` with
         `1 <= k1 <= k2`, or `gradient_clip_norm` is not positive.
     """
@@ -141,39 +145,38 @@ class Trainer:
     self._step = steps_lib.as_step(step)
     self._head = head
     self._model = _train_args.with_head(self._step, head)
-    self._loss = _targets.per_example_loss(loss)
-    self._optimizer = _train_args.check_optimizer(optimizer)
     self._tbptt = _train_args.check_tbptt(tbptt)
-    self._clip = _train_args.check_clip_norm(gradient_clip_norm)
-    # Without `stream`, each batch is a stream of its own (nothing carried).
-    self._batches = streaming.StreamState(
-        self._strategy, self._tbptt, self._model.initial_state,
-        carry=_train_args.check_stream(stream))
-    self._stream = self._batches if stream else None
+    for name, flag in (("jit_compile", jit_compile), ("stream", stream),
+                       ("hoist", hoist)):
+      _checks.check_bool(flag, name)
+    self._logdir = logdir
+    self._writer = None
+    self._checkpoint_dir = checkpoint_dir
+    with self._strategy.scope():
+      self._global_step = tf.Variable(0, dtype=tf.int64, trainable=False,
+                                      name="global_step")
+    self._traces = collections.Counter()
+    self._context = update_rules.Context(
+        model=self._model, head=None,
+        loss=_targets.per_example_loss(loss),
+        optimizer=_train_args.check_optimizer(optimizer),
+        strategy=self._strategy,
+        clip=_train_args.check_clip_norm(gradient_clip_norm),
+        jit_compile=jit_compile, hoist=hoist, global_step=self._global_step,
+        traces=self._traces, targets_per_step=self._targets_per_step)
+    # One object per update rule (`stepper.update_rules`).
+    self._rule = (update_rules.FullBPTT(self._context) if self._tbptt is None
+                  else update_rules.TBPTT(self._context, k1=self._tbptt[0],
+                                          k2=self._tbptt[1]))
+    if stream:
+      self._rule = update_rules.Stream(self._rule)
     if jit_compile and self._tbptt is not None:
       raise ValueError(
           "`jit_compile=True` needs `tbptt=None`: truncated BPTT slices "
           "windows at run-time offsets, which XLA cannot compile.")
-    self._logdir = logdir
-    self._writer = None
-    self._checkpoint_dir = checkpoint_dir
-    self._jit_compile = bool(jit_compile)
-    with self._strategy.scope():
-      self._global_step = tf.Variable(0, dtype=tf.int64, trainable=False,
-                                      name="global_step")
-    self._trainable = None  # Set by `_build`.
     self._resumed = False  # The first `fit` restores the latest checkpoint.
-    self._traces = collections.Counter()
-    self._train_function = tf.function(self._train_step)
-    # Tensors, not the iterator: the window index is an argument, so every
-    # update of every sequence of one shape reuses one trace.
-    self._update_function = tf.function(self._tbptt_step,
-                                        reduce_retracing=True)
-    self._updater = None  # A `tbptt.Updater`, set by `_build`.
     self._eval_function = tf.function(self._eval_step,
                                       reduce_retracing=True)
-    self._grads = tf.function(self._loss_and_grads, jit_compile=True) if (
-        self._jit_compile) else self._loss_and_grads
     self.history = collections.defaultdict(list)
     self.stop_training = False
 
@@ -190,7 +193,7 @@ class Trainer:
   @property
   def trainable_variables(self) -> list[tf.Variable]:
     """The step's and the head's trainable variables (after `fit`)."""
-    return list(self._trainable or [])
+    return list(self._context.trainable or [])
 
   def fit(self, dataset: tf.data.Dataset, epochs: int = 1,
           steps: int | None = None,
@@ -248,7 +251,7 @@ class Trainer:
       if epoch + 1 < epochs:  # The next epoch starts the stream over.
         self.reset_states()
       if manager is not None:
-        self._batches.save()
+        self._rule.save()
         manager.save(checkpoint_number=self._global_step)
       callbacks.call("on_epoch_end", epoch, logs)
       if self.stop_training:
@@ -258,7 +261,7 @@ class Trainer:
 
   def reset_states(self) -> None:
     """Stream mode: the initial state, no TBPTT history, a new update grid."""
-    self._batches.reset()
+    self._rule.reset()
 
   def evaluate(self, dataset: tf.data.Dataset) -> dict[str, float]:
     """The loss over a whole dataset (no training), as `{"loss": mean}`.
@@ -278,7 +281,7 @@ class Trainer:
     while True:
       try:
         batch_sum, batch_count, states = self._eval_function(
-            iterator, None if self._stream is None else states)
+            iterator, states if self._rule.carries else None)
       except (StopIteration, tf.errors.OutOfRangeError):
         break
       total += float(batch_sum)
@@ -289,7 +292,8 @@ class Trainer:
 
   def predict(self, inputs: Nest, training: bool = False) -> Nest:
     """The head's prediction at every step, `[batch, time, ...]`."""
-    outputs, _ = engine.model_rnn(self._model, inputs, training=training)
+    outputs, _ = engine.model_rnn(self._model, inputs, training=training,
+                                  hoist=self._context.hoist)
     return outputs
 
   # Building and checkpoints.
@@ -302,7 +306,7 @@ class Trainer:
     create their variables inside a trace, which a `MirroredStrategy`
     cannot lift out.
     """
-    if self._trainable is not None:
+    if self._context.trainable is not None:
       return
     x_t = tf.nest.map_structure(
         lambda s: tf.zeros([1] + s.shape[2:].as_list(), s.dtype),
@@ -313,19 +317,15 @@ class Trainer:
       except (ValueError, TypeError, tf.errors.InvalidArgumentError) as e:
         raise _targets.inputs_error(name, element_spec[0], self._model,
                                     e) from e
-      self._trainable = _checks.unique_by_id(self._step.trainable_variables + (
+      trainable = _checks.unique_by_id(self._step.trainable_variables + (
           list(self._head.trainable_variables) if self._head is not None
           else []))
-      if not self._trainable:
+      if not trainable:
         raise ValueError(f"{self._step.name} and the head have no trainable "
                          "variables; there is nothing to train.")
-      self._optimizer.build(self._trainable)
-    if self._tbptt is not None:
-      k1, k2 = self._tbptt
-      self._updater = tbptt_lib.Updater(self._model, self._loss, k1=k1, k2=k2,
-                                        variables=self._trainable,
-                                        training=True)
-    self._batches.build(self._model.initial_state(1), element_spec)
+      self._context.optimizer.build(trainable)
+      self._context.trainable = trainable
+    self._rule.build(element_spec)
 
   def _variables(self) -> list:
     return _checks.unique_by_id(self._step.variables + (
@@ -336,17 +336,18 @@ class Trainer:
     with `restore`, continues from the latest checkpoint."""
     if self._checkpoint_dir is None:
       return None
-    parts = dict(variables=self._variables(), optimizer=self._optimizer,
+    parts = dict(variables=self._variables(),
+                 optimizer=self._context.optimizer,
                  global_step=self._global_step)
     if isinstance(iterator, tf.data.Iterator):
       parts["iterator"] = iterator
-      parts.update(self._batches.checkpoint_parts())
+      parts.update(self._rule.checkpoint_parts())
     checkpoint = tf.train.Checkpoint(**parts)
     manager = tf.train.CheckpointManager(checkpoint, self._checkpoint_dir,
                                          max_to_keep=3)
     if restore and manager.latest_checkpoint:
       checkpoint.restore(manager.latest_checkpoint).assert_consumed()
-      self._batches.restore()
+      self._rule.restore()
     return manager
 
   def _iterator(self, dataset: tf.data.Dataset):
@@ -367,13 +368,13 @@ class Trainer:
     while steps is None or len(losses) < steps:
       callbacks.call("on_train_batch_begin", len(losses))
       try:
-        updates = self._train_batch(iterator)
+        updates = self._rule.train_batch(iterator)
       except (StopIteration, tf.errors.OutOfRangeError):
         break
       first = self.global_step - len(updates) + 1
       for i, (loss, grad_norm) in enumerate(updates):
         logs = dict(loss=float(loss), grad_norm=float(grad_norm),
-                    learning_rate=_learning_rate(self._optimizer))
+                    learning_rate=_learning_rate(self._context.optimizer))
         self._write_scalars(logs, step=first + i)
       # One batch: the mean over its updates (k1-step windows).
       logs["loss"] = sum(float(loss) for loss, _ in updates) / len(updates)
@@ -405,147 +406,13 @@ class Trainer:
 
   # Compiled functions: one trace per dataset element spec.
 
-  def _train_batch(self, iterator) -> list[tuple[tf.Tensor, tf.Tensor]]:
-    """Trains on the next batch: `(loss, grad_norm)` for every update.
-
-    Raises:
-      StopIteration, tf.errors.OutOfRangeError: If `iterator` is exhausted.
-    """
-    if self._tbptt is None and self._stream is None:
-      return [self._train_function(iterator)[:2]]
-    return self._batches.train_batch(next(iterator), self._update_function)
-
-  def _tbptt_step(self, element: tuple, states: Nest, *window):
-    """TBPTT update `window = (j, offset)`, or a stream's full BPTT one."""
-    if not window:
-      return self._update_step(self._replica_update, *element[:2],
-                               streaming.resets_of(element), states)
-    return self._update_step(self._replica_tbptt_update, element, states,
-                             *window)
-
-  def _replica_tbptt_update(self, element: tuple, states: Nest, j: tf.Tensor,
-                            offset: tf.Tensor):
-    """`tbptt.Updater`'s update `j` on this replica's rows, then applied."""
-    ctx = tf.distribute.get_replica_context()
-    inputs, targets = element[:2]
-    self._targets_per_step(inputs, targets)  # Checks the targets' shape.
-    loss, grads, next_states = self._updater.update(
-        inputs, targets, states, j, offset=offset,
-        resets=streaming.resets_of(element))
-    if loss.dtype.size < 4:  # Mixed precision: report it in float32.
-      loss = tf.cast(loss, tf.float32)
-    # `loss` is this replica's mean; weight it by its share of the rows.
-    rows = tf.cast(tf.shape(targets)[0], loss.dtype)
-    share = rows / ctx.all_reduce(_SUM, rows)
-    grad_norm = self._apply([g * share for g in grads], ctx, scaled=False)
-    return loss * share, grad_norm, next_states
-
-  def _train_step(self, iterator) -> tuple[tf.Tensor, tf.Tensor]:
-    """One full-BPTT update on the next batch: `(loss, grad_norm)`."""
-    return self._update_step(self._replica_update, *next(iterator))
-
-  def _update_step(self, replica_update, *args) -> tuple:
-    """One optimizer update: `replica_update(*args)` on every replica.
-
-    Returns:
-      `(loss, grad_norm, *rest)`: the loss summed over replicas (each
-      returns its share of the mean), the gradient norm, and what else
-      `replica_update` returns, per replica.
-    """
-    self._traces["train"] += 1  # Runs only while tracing.
-    loss, grad_norm, *rest = self._strategy.run(replica_update, args)
-    # After the update: no count for a call that found the data exhausted.
-    with tf.control_dependencies(tf.nest.flatten(loss)):
-      self._global_step.assign_add(1)
-    return (self._strategy.reduce(_SUM, loss, axis=None),
-            self._strategy.reduce(tf.distribute.ReduceOp.MEAN, grad_norm,
-                                  axis=None), *rest)
-
-  def _replica_update(self, inputs: Nest, targets: tf.Tensor,
-                      resets: tf.Tensor | None = None,
-                      states: Nest | None = None):
-    """One update on this replica's rows, from `states` or the initial state.
-
-    Returns this replica's share of the global mean loss (the shares sum to
-    it), the global gradient norm before clipping and the final states.
-    """
-    ctx = tf.distribute.get_replica_context()
-    loss_sum, count, grads, final_states = self._grads(inputs, targets,
-                                                       resets, states)
-    total = ctx.all_reduce(_SUM, count)
-    grad_norm = self._apply(
-        [None if g is None else g / total for g in grads], ctx)
-    return loss_sum / total, grad_norm, final_states
-
-  def _apply(self, grads: list, ctx: tf.distribute.ReplicaContext,
-             scaled: bool = True):
-    """Clips and applies this replica's share of the gradient.
-
-    Each replica's gradient is its share of the global mean's gradient; the
-    optimizer sums the shares over replicas. `scaled`: the gradient is that
-    of the loss scaled by `optimizer.scale_loss` (a LossScaleOptimizer's
-    `apply` divides by its scale; other optimizers' scale is 1). Returns the
-    global norm of the unscaled gradient before clipping.
-    """
-    scale = tf.convert_to_tensor(self._optimizer.scale_loss(1.0))
-    if not scaled:
-      grads = [None if g is None else g * tf.cast(scale, g.dtype)
-               for g in grads]
-    grad_norm = _global_norm(grads, ctx)
-    grad_norm /= tf.cast(scale, grad_norm.dtype)
-    if self._clip is not None:
-      factor = self._clip / tf.maximum(grad_norm, self._clip)
-      grads = [None if g is None else g * factor for g in grads]
-    # Every op of the update, the optimizer's `iterations` increment among
-    # them, waits for the gradients: a call that finds the data exhausted
-    # fails before it can count an update it never applied.
-    with tf.control_dependencies([g for g in grads if g is not None]):
-      self._optimizer.apply(grads, self._trainable)
-    return grad_norm
-
-  def _loss_and_grads(self, inputs: Nest, targets: tf.Tensor,
-                      resets: tf.Tensor | None, states: Nest | None):
-    """The loss sum, its count, the sum's gradient, the final states."""
-    with tf.GradientTape() as tape:
-      loss_sum, count, final_states = self._loss_sum(
-          (inputs, targets, resets), states, training=True)
-      # Scaled by a keras.optimizers.LossScaleOptimizer (mixed_float16),
-      # whose `apply` unscales; 1 for every other optimizer.
-      scaled = self._optimizer.scale_loss(loss_sum)
-    return (loss_sum, count, tape.gradient(scaled, self._trainable),
-            final_states)
-
   def _eval_step(self, iterator, states: Nest | None):
     self._traces["evaluate"] += 1
     loss_sum, count, final_states = self._strategy.run(
-        lambda e, s: self._loss_sum(e, s, training=False),
+        lambda e, s: self._rule.loss_sum(e, s, training=False),
         (next(iterator), states))
     return (self._strategy.reduce(_SUM, loss_sum, axis=None),
             self._strategy.reduce(_SUM, count, axis=None), final_states)
-
-  def _loss_sum(self, element: tuple, states: Nest | None, training: bool
-                ) -> tuple[tf.Tensor, tf.Tensor, Nest]:
-    """The summed per-example loss over steps and batch, its count and the
-    final states; the run starts from `states` (a constant) or the initial
-    state, and resets set the initial state."""
-    inputs, targets, resets = *element[:2], streaming.resets_of(element)
-    per_step = self._targets_per_step(inputs, targets)
-    # Resets restore the initial state, never the carried `states`.
-    reset_to = None if states is None else self._model.initial_state(
-        tf.shape(targets)[0])
-    outputs, final_states = engine.model_rnn(
-        self._model, inputs, states, training=training, resets=resets,
-        return_sequences=per_step, _reset_to=reset_to)
-    if per_step:  # Every step is an example for the loss: fold time.
-      outputs = _loop.merge_leading_dims(outputs)
-      targets = _loop.merge_leading_dims(targets)
-    # Mixed precision: the loss in float32, as Keras computes its losses.
-    dtype = tf.float32 if outputs.dtype.size < 4 else outputs.dtype
-    outputs = tf.cast(outputs, dtype)
-    per_example = tf.convert_to_tensor(self._loss(targets, outputs))
-    per_example = tf.cast(per_example, dtype)
-    return (tf.reduce_sum(per_example),
-            tf.cast(tf.size(per_example), outputs.dtype), final_states)
 
   # Validation.
 
@@ -557,8 +424,9 @@ class Trainer:
                       f"targets) batches; got {type(dataset).__name__}.")
     spec = dataset.element_spec
     inputs_spec, targets_spec = streaming.check_element_spec(
-        spec, name, self._stream if training else None,
-        static_time=self._tbptt is not None and self._stream is None)
+        spec, name, static_time=self._rule.static_time)
+    if training:
+      self._rule.check_spec(spec, name)
     self._build(spec, name)
     # Here, not only while tracing: the error is then raised as it is.
     self._targets_per_step(inputs_spec, targets_spec, name)
@@ -572,7 +440,7 @@ class Trainer:
     """
     return _targets.per_step(
         self._model, inputs, targets,
-        allow_sequence_level=self._tbptt is None and self._stream is None,
+        allow_sequence_level=self._rule.allow_sequence_level,
         name=name)
 
 
@@ -587,13 +455,3 @@ def _known_size(dataset: tf.data.Dataset) -> int | None:
   """The number of batches if `tf.data` knows it (for the Progbar)."""
   size = int(dataset.cardinality())
   return size if size >= 0 else None
-
-
-def _global_norm(grads: list, ctx: tf.distribute.ReplicaContext) -> tf.Tensor:
-  """The norm of the gradient summed over replicas."""
-  grads = [g for g in grads if g is not None]
-  if ctx.num_replicas_in_sync > 1:
-    grads = ctx.all_reduce(_SUM, grads)
-  return tf.linalg.global_norm(grads)
-
-

@@ -498,6 +498,12 @@ def _trainer_cases():
       _Case("jit_with_tbptt", lambda: _trainer(tbptt=(2, 3),
                                                jit_compile=True), {},
             ValueError, r"`jit_compile", r"`tbptt=None`"),
+      _Case("stream_string", lambda: _trainer(stream="yes"), {}, TypeError,
+            r"`stream`", r"'yes'"),
+      _Case("hoist_int", lambda: _trainer(hoist=1), {}, TypeError,
+            r"`hoist`", r"1 of type int"),
+      _Case("jit_compile_none", lambda: _trainer(jit_compile=None), {},
+            TypeError, r"`jit_compile`", r"None"),
   ]
   for value in ((3, 2), (0, 1), 5, (1, 2, 3), (1.0, 2)):
     bad.append(_Case(f"tbptt_{value!r}", lambda v=value: _trainer(tbptt=v),
