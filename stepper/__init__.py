@@ -10,6 +10,7 @@ from stepper.states import TrainableState
 from stepper.steps import Step, as_step
 from stepper.train import Trainer
 from stepper import data
+from stepper import online
 from stepper import tbptt
 from stepper import testing
 from stepper import verify
@@ -26,6 +27,7 @@ __all__ = [
     "bidirectional",
     "data",
     "model_rnn",
+    "online",
     "run_chunks",
     "stack",
     "tbptt",
