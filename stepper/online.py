@@ -352,7 +352,8 @@ def find_variables(step: steps_lib.Step, model: steps_lib.Step, head: Any,
   if given is not None:
     return given
   found = default_variables(step, head)
-  if not found and inputs is not None:
+  unbuilt = head is not None and not getattr(head, "built", True)
+  if (not found or unbuilt) and inputs is not None:
     flat = tf.nest.flatten(inputs)
     x0 = tf.nest.pack_sequence_as(inputs, [x[:, 0] for x in flat])
     model(x0, states, training)
@@ -519,7 +520,20 @@ def _bptt(step, inputs, targets, loss_fn, *, head, initial_states, variables,
   variables = find_variables(step, model, head, variables, inputs, states,
                              training)
   targets = check_targets(targets, batch, time)
-  per_example = _targets.per_example_loss(_checks.check_loss(loss_fn))
+  key = ("bptt", id(loss_fn), id(head), tuple(id(v) for v in variables),
+         training)
+  per_step = _CACHE.setdefault(step, {})
+  if key not in per_step:
+    per_example = _targets.per_example_loss(_checks.check_loss(loss_fn))
+    per_step[key] = (tf.function(
+        lambda *args: _bptt_loss_and_grads(model, per_example, variables,
+                                           training, *args),
+        autograph=False), (loss_fn, head, variables))
+  return per_step[key][0](inputs, targets, states, mask, resets)
+
+
+def _bptt_loss_and_grads(model, per_example, variables, training, inputs,
+                         targets, states, mask, resets):
   with tf.GradientTape() as tape:
     outputs, _ = engine.model_rnn(model, inputs, states, mask=mask,
                                   resets=resets, training=training)
