@@ -24,8 +24,9 @@ The rows of a batch must not interact inside the step (every Keras cell,
 every row-wise model).
 """
 
+import contextlib
 import math
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import keras
 import numpy as np
@@ -93,6 +94,17 @@ class Layout:
             zip(parts, self._param_shapes, self.variables)]
 
 
+class Taped(NamedTuple):
+  """One step recorded by `StepCall.taped`."""
+  tape: tf.GradientTape  # Persistent: more Jacobians may be taken.
+  loss: tf.Tensor  # The weighted loss, summed over rows.
+  s_new: tf.Tensor  # s_t, [batch, state].
+  projected: tf.Tensor | None  # `project(s_t)`.
+  dl_ds: tf.Tensor  # dl/ds_{t-1}, [batch, state].
+  dl_dw: tf.Tensor  # dl/dtheta|_imm, [params].
+  jvp: tf.Tensor | None  # J tangent, [batch, state].
+
+
 class StepCall:
   """One step with its loss, on flat states: what every rule evaluates.
 
@@ -128,12 +140,31 @@ class StepCall:
     return tf.reduce_sum(rows * tf.cast(weight, rows.dtype)), \
         self.layout.vector(new)
 
-  def loss_gradients(self, tape: tf.GradientTape, loss: tf.Tensor,
-                     s: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    """`(dl/ds_{t-1} [batch, state], dl/dtheta|_imm [params])`."""
+  def taped(self, flat_x: list, s: tf.Tensor, target: tf.Tensor,
+            weight: tf.Tensor, project: Callable | None = None,
+            tangent: tf.Tensor | None = None) -> "Taped":
+    """The step under a persistent tape (which also records `project(s_t)`)
+    and, given a `tangent` of `s_{t-1}`, forward mode (`J tangent`)."""
+    with tf.GradientTape(persistent=True) as tape:
+      tape.watch(s)
+      with (tf.autodiff.ForwardAccumulator(s, tangent) if tangent is not None
+            else contextlib.nullcontext()) as acc:
+        loss, s_new = self(flat_x, s, target, weight)
+      projected = None if project is None else project(s_new)
     grads = tape.gradient(loss, [s] + self.layout.sources,
                           unconnected_gradients=_ZERO)
-    return grads[0], self.layout.params(grads[1:])
+    return Taped(tape, loss, s_new, projected, grads[0],
+                 self.layout.params(grads[1:]),
+                 None if acc is None else acc.jvp(
+                     s_new, unconnected_gradients=_ZERO))
+
+  def per_row_jacobian(self, tape: tf.GradientTape, target: tf.Tensor,
+                       lead: int) -> tf.Tensor:
+    """`d target / dtheta`, `[*target.shape, params]`: per row, as each row
+    of `target` depends on its row of the batch only (vectorized)."""
+    return self.layout.params(
+        tape.jacobian(target, self.layout.sources,
+                      unconnected_gradients=_ZERO), lead=lead)
 
 
 class Rtrl:
@@ -156,14 +187,10 @@ class Rtrl:
     del t, seed
     (m,) = carry
     fn = self._fn
-    with tf.GradientTape(persistent=True) as tape:
-      tape.watch(s)
-      loss, s_new = fn(flat_x, s, target, weight)
-    dl_ds, dl_dw = fn.loss_gradients(tape, loss, s)
+    tape, loss, s_new, _, dl_ds, dl_dw, _ = fn.taped(flat_x, s, target,
+                                                     weight)
     jac = tape.batch_jacobian(s_new, s, unconnected_gradients=_ZERO)
-    imm = fn.layout.params(
-        tape.jacobian(s_new, fn.layout.sources, unconnected_gradients=_ZERO),
-        lead=2)
+    imm = fn.per_row_jacobian(tape, s_new, lead=2)
     m = tf.cast(m, s.dtype)
     grad = dl_dw + tf.cast(tf.einsum("bs,bsp->p", dl_ds, m), dl_dw.dtype)
     m_new = tf.einsum("bij,bjp->bip", jac, m) + tf.cast(imm, s.dtype)
@@ -201,16 +228,10 @@ class Uoro:
     step_seed = tf.random.experimental.stateless_fold_in(seed, t)
     nu = tf.where(tf.random.stateless_uniform(tf.shape(s), step_seed) < 0.5,
                   -tf.ones_like(s), tf.ones_like(s))
-    with tf.GradientTape(persistent=True) as tape:
-      tape.watch(s)
-      with tf.autodiff.ForwardAccumulator(s, s_tilde) as acc:
-        loss, s_new = fn(flat_x, s, target, weight)
-      projected = tf.reduce_sum(nu * s_new, axis=1)  # [batch]
-    js = acc.jvp(s_new, unconnected_gradients=_ZERO)
-    dl_ds, dl_dw = fn.loss_gradients(tape, loss, s)
-    nu_imm = fn.layout.params(
-        tape.jacobian(projected, fn.layout.sources,
-                      unconnected_gradients=_ZERO), lead=1)
+    tape, loss, s_new, projected, dl_ds, dl_dw, js = fn.taped(
+        flat_x, s, target, weight,
+        lambda s_new: tf.reduce_sum(nu * s_new, axis=1), s_tilde)
+    nu_imm = fn.per_row_jacobian(tape, projected, lead=1)
     grad = dl_dw + tf.reduce_sum(
         tf.cast(tf.reduce_sum(dl_ds * s_tilde, 1, keepdims=True),
                 w_tilde.dtype) * w_tilde, 0)
@@ -289,14 +310,10 @@ class Snap1:
     del t, seed
     (m,) = carry
     fn = self._fn
-    with tf.GradientTape(persistent=True) as tape:
-      tape.watch(s)
-      loss, s_new = fn(flat_x, s, target, weight)
-      compressed = tf.matmul(s_new, self._row_ind)  # [batch, colours]
-    dl_ds, dl_dw = fn.loss_gradients(tape, loss, s)
-    imm = fn.layout.params(
-        tape.jacobian(compressed, fn.layout.sources,
-                      unconnected_gradients=_ZERO), lead=2)
+    # One reverse pass per row and colour: [batch, colours, params].
+    tape, loss, s_new, compressed, dl_ds, dl_dw, _ = fn.taped(
+        flat_x, s, target, weight, lambda s_new: s_new @ self._row_ind)
+    imm = fn.per_row_jacobian(tape, compressed, lead=2)
     imm = tf.gather(tf.reshape(imm, [tf.shape(s)[0], -1]), self._imm_index,
                     axis=1)  # [batch, K]
     diagonal = tf.cast(tf.gather(self._diagonal(flat_x, s), self._unit,
@@ -317,9 +334,6 @@ def exact_jacobians(fn: StepCall) -> Callable:
       tape.watch(s)
       s_new = fn.next_state(flat_x, s)
     jac = tape.batch_jacobian(s_new, s, unconnected_gradients=_ZERO)
-    imm = fn.layout.params(
-        tape.jacobian(s_new, fn.layout.sources, unconnected_gradients=_ZERO),
-        lead=2)
-    return jac, imm
+    return jac, fn.per_row_jacobian(tape, s_new, lead=2)
 
   return jacobians

@@ -119,7 +119,7 @@ class Estimator:
   >>> x, y = tf.random.normal([2, 5, 4]), tf.random.normal([2, 5, 3])
   >>> run = estimator.run(x, y)
   >>> [tuple(c.shape) for c in run.carry]  # [batch, kept]: kept = params
-  [(2, 90)]
+  [(2, 81)]
 
   Args:
     step: A Keras cell, a functional step model, a callable or a `Step`.
@@ -380,7 +380,7 @@ def check_variables(step: steps_lib.Step, variables: Any) -> None:
       raise ValueError(
           f"`variables` is required for {step.name}: a plain callable does "
           "not declare its variables. Pass `variables=[...]`, the variables "
-          "it reads.")
+          "it reads; got None.")
     return
   if not isinstance(variables, (list, tuple)) or not all(
       isinstance(v, (tf.Variable, keras.Variable)) for v in variables):
@@ -494,6 +494,7 @@ def gradients(step: Any, inputs: Nest, targets: tf.Tensor, loss_fn: Any, *,
   seed = check_seed(seed)
   _checks.check_bool(training, "training")
   step = steps_lib.as_step(step)
+  check_variables(step, variables)
   if variables is not None:
     variables = list(variables)
   if method == "bptt":

@@ -695,10 +695,51 @@ def _misc_cases():
   return [c._replace(name="misc/" + c.name) for c in bad]
 
 
+_ONLINE_Y = _ones(2, 4, 2)
+
+
+def _online(**kwargs):
+  args = dict(method="rtrl")
+  args.update(kwargs)
+  return lambda x, y: stepper.online.gradients(_CELL, x, y, _MSE, **args)
+
+
+def _online_cases():
+  xy = dict(x=_X, y=_ONLINE_Y)
+  bad = [
+      _Case("method_upper_case", _online(method="RTRL"), xy, ValueError,
+            r"`method`", r"'RTRL'"),
+      _Case("method_none", _online(method=None), xy, ValueError,
+            r"`method`", r"None"),
+      _Case("seed_bool", _online(method="bptt", seed=True), xy, TypeError,
+            r"`seed`", r"True"),
+      _Case("seed_float", _online(method="uoro", seed=1.5), xy, TypeError,
+            r"`seed`", r"1\.5"),
+      _Case("seed_string", _online(method="snap1", seed="1"), xy, TypeError,
+            r"`seed`", r"'1'"),
+      _Case("callable_without_variables",
+            lambda x, y: stepper.online.gradients(
+                _add, x, y, _MSE, method="snap1", initial_states=[_S]),
+            xy, ValueError, r"`variables`", r"got None"),
+      _Case("variables_not_a_list", _online(variables=42), xy, TypeError,
+            r"`variables`", r"42"),
+      _Case("targets_batch", _online(), dict(x=_X, y=_ones(3, 4, 2)),
+            ValueError, r"`targets`", r"\(3, 4, 2\)"),
+      _Case("targets_rank_1", _online(), dict(x=_X, y=_ones(2)),
+            ValueError, r"`targets`", r"\(2,\)"),
+      _Case("max_influence_exceeded", _online(max_influence=10), xy,
+            ValueError, r"`max_influence` = 10", r"\[2, 2, 12\] of 48"),
+      _Case("max_influence_zero", _online(max_influence=0), xy,
+            ValueError, r"`max_influence`", r"got 0"),
+  ]
+  return [c._replace(name="online/" + c.name, modes=(_EAGER, _FUNCTION))
+          for c in bad]
+
+
 _CASES = (_model_rnn_cases() + _run_chunks_cases() + _stateful_runner_cases()
           + _bidirectional_cases() + _stack_cases() + _trainable_state_cases()
           + _trainer_cases() + _tbptt_cases() + _verify_cases()
-          + _misc_cases())
+          + _online_cases() + _misc_cases())
 _PARAMS = [pytest.param(case, mode, id=f"{case.name}-{mode}")
            for case in _CASES for mode in case.modes]
 
