@@ -456,9 +456,7 @@ def iterate(step: Any, inputs: Nest, targets: Nest, loss: Callable, *,
   ...     cell, x, y, keras.losses.MeanSquaredError(), k1=5, k2=8):
   ...   _ = optimizer.apply_gradients(zip(grads_j, cell.trainable_variables))
 
-  Args:
-    step, inputs, targets, loss, k1, k2, initial_states, variables, training:
-      As in `updates`.
+  Takes the arguments of `updates`, with the same meaning.
 
   Returns:
     An iterator of `(loss_j, grads_j)` (see `Updater.iterate`).

@@ -1,14 +1,15 @@
-"""Executes every notebook in `notebooks/` top to bottom; checks they are stripped.
+"""The notebooks in `notebooks/` are committed stripped of their outputs.
 
-Notebooks are documentation: one that raises fails the suite. Outputs are
-kept out of git (they would go stale): a committed notebook with outputs or
+Notebooks are documentation: the docs build executes every one top to bottom
+and renders it with its outputs (`docs/_hooks/notebooks.py`, run by
+`tests/docs_test.py`), so one that raises fails the suite. Outputs are kept
+out of git (they would go stale): a committed notebook with outputs or
 execution counts fails `test_notebooks_are_stripped`.
 """
 
 import pathlib
 
 import nbformat
-from nbclient import NotebookClient
 import pytest
 
 NOTEBOOKS = sorted(
@@ -27,14 +28,3 @@ def test_notebooks_are_stripped(path):
                                             cell.execution_count)]
   assert not dirty, (f"{path.name}: cells {dirty} carry outputs; strip them "
                      "(jupyter nbconvert --clear-output --inplace)")
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_runs_top_to_bottom(path, tmp_path):
-  notebook = nbformat.read(path, as_version=4)
-  NotebookClient(notebook, timeout=600, kernel_name="python3",
-                 resources={"metadata": {"path": str(tmp_path)}}).execute()
-  errors = [output for cell in notebook.cells if cell.cell_type == "code"
-            for output in cell.outputs if output.output_type == "error"]
-  assert not errors, errors

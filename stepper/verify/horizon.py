@@ -36,10 +36,11 @@ class Horizon:
     window: The truncation window, or `None`.
     boundaries: Steps `b <= t` before which a window of `window` steps
       (chunks `[0, window)`, `[window, 2 window)`, ...) cuts the gradient.
-    truncated_input_norms, truncated_state_norms,
-    truncated_state_norms_by_entry: As above with those cuts: zero beyond
-      the last boundary. The state norm at a boundary is the gradient that
-      reaches it and is dropped.
+    truncated_input_norms: `input_norms` with those cuts: zero beyond the
+      last boundary.
+    truncated_state_norms: `state_norms` with those cuts. The state norm at
+      a boundary is the gradient that reaches it and is dropped.
+    truncated_state_norms_by_entry: `state_norms_by_entry` with those cuts.
     lost_share: `{b: share}` for every boundary: the share of the weight
       gradient `g` of `L_t` that flows across `b`, `||g - g_cut_at_b|| /
       ||g||` (what truncating there loses; `nan` for a step without
