@@ -28,8 +28,8 @@ from mkdocs.structure.files import File
 
 PACKAGE = "stepper"
 # Modules users reach as `stepper.<module>.<name>` that are not themselves in
-# `stepper.__all__` (`stepper.steps.split`, `stepper.steps.wrap_call`).
-PUBLIC_MODULES = ("stepper.steps",)
+# `stepper.__all__` (`stepper.steps.split`; the Trainer's update rules).
+PUBLIC_MODULES = ("stepper.steps", "stepper.update_rules")
 NAV_TITLE = "API reference"
 # Modules that are scripts, not API: importing them parses flags.
 SCRIPTS = ("stepper.demo",)
