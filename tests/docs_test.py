@@ -266,3 +266,29 @@ def test_code_blocks_fences_doctests_and_literal_blocks():
   assert '<code class="language-pycon">&gt;&gt;&gt; x = 1\n' in rendered
   assert '<code class="language-text">[0 1] [2 3]\n</code>' in rendered
   assert "A picture:</p>" in rendered
+
+
+def test_private_parameters_leave_the_docstring():
+  drop = _hook("griffe_private").without_private_args
+  doc = ("Runs.\n\nArgs:\n  x: The input.\n  _reset_to: Private: the\n"
+         "    states.\n  y: Kept.\n\nReturns:\n  Outputs.")
+  assert drop(doc) == ("Runs.\n\nArgs:\n  x: The input.\n  y: Kept.\n\n"
+                       "Returns:\n  Outputs.")
+
+
+def test_every_result_file_is_on_the_benchmarks_page(caplog):
+  benchmarks = _hook("benchmarks")
+
+  class Config:
+    config_file_path = str(ROOT / "mkdocs.yml")
+
+  class Page:
+    class file:  # pylint: disable=invalid-name
+      src_uri = benchmarks.PAGE
+
+  page = (ROOT / "docs" / benchmarks.PAGE).read_text(encoding="utf-8")
+  benchmarks.on_page_markdown(page, Page, Config, None)
+  assert not caplog.records, [r.getMessage() for r in caplog.records]
+  benchmarks.on_page_markdown(page.replace("remat_xla.json", "?"), Page,
+                              Config, None)
+  assert "remat_xla.json is not on benchmarks.md" in caplog.text
