@@ -32,12 +32,15 @@ class StepRNN(keras.layers.Layer):
   TensorShape([4, 20, 8])
 
   What `keras.layers.RNN` code can rely on: its arguments (but
-  `return_sequences` defaults to True here), bare `initial_state` tensors,
-  `return_state` (`[outputs, *states]`, a stack's states one list per
-  layer), `stateful=True` with `reset_states()`, dropout cells with
-  `training=True`, masks, `compute_output_shape`, mixed precision (outputs
-  and states in the layer's compute dtype) and `.keras` saving. A
-  `stepper.stack` as the step exposes every layer's weights to Keras.
+  `return_sequences` defaults to True here), `.cell`,
+  `get_initial_state()`, bare `initial_state` tensors, `return_state`
+  (`(outputs, *states)`, a stack's states one entry per layer, nested as
+  Keras nests them), `stateful=True` with `reset_states()` (to zeros; the
+  states in float32 variables under a mixed policy), dropout cells with
+  `training=True`, masks (passed on unreversed after `go_backwards`),
+  `compute_output_shape`, mixed precision (outputs and states in the layer's
+  compute dtype) and `.keras` saving. A `stepper.stack` as the step exposes
+  every layer's weights to Keras.
 
   Args:
     step: A Keras RNN cell (a list of cells: a `StackedRNNCells`, as in
@@ -46,19 +49,24 @@ class StepRNN(keras.layers.Layer):
       callable `(x_t, states) -> (y_t, new_states)` (a
       callable needs `initial_state` at call time and cannot be serialized).
     return_sequences: Return every output, `[batch, time, ...]`, or only the
-      last valid one, `[batch, ...]` (unlike `keras.layers.RNN`, which with
-      `zero_output_for_mask=True` returns zeros when the last step is
-      masked).
-    return_state: Also return the final states: the layer returns
-      `[outputs, *final_states]`.
+      last one, `[batch, ...]`: the output at the last step run, i.e. the
+      last valid output, or zeros with `zero_output_for_mask=True` where
+      that step is masked (as `keras.layers.RNN`).
+    return_state: Also return the final states: the layer returns the tuple
+      `(outputs, *final_states)`. In a stack a cell's states nest as its
+      `get_initial_state` nests them (a one-state cell without one: a bare
+      tensor), and symbolically (`compute_output_shape`, functional models)
+      as its `state_size` (an int: a bare tensor), both as Keras.
     go_backwards: Run from the last step to the first and, as
       `keras.layers.RNN(go_backwards=True)` does, return the sequence in
       reversed time order.
     stateful: Keras' stateful RNN: the final states of a call are the
-      initial states of the next (`reset_states()` sets them back to the
-      step's initial state, zeros for Keras cells). The states live in
-      variables, so the batch size must be fixed (`keras.Input(batch_size=
-      ...)`) and no gradient flows from one call into the previous ones.
+      initial states of the next; the first call starts from the step's
+      initial state and `reset_states()` sets them to zeros. The states live
+      in variables (of the layer's variable dtype, float32 under a mixed
+      policy, as Keras'), so the batch size must be fixed
+      (`keras.Input(batch_size=...)`) and no gradient flows from one call
+      into the previous ones.
       For the exact gradient across chunks of a long sequence, use
       `stepper.run_chunks`, or `stepper.StatefulRunner` for streaming.
     zero_output_for_mask: Output zeros (not the previous output) at masked
@@ -68,6 +76,13 @@ class StepRNN(keras.layers.Layer):
       is 1.
     hoist: Compute the step's input half for all steps before the loop (see
       `stepper.model_rnn`; off by default, as there).
+    reverse_output_mask: With `go_backwards=True` and
+      `return_sequences=True`, pass on to the next layer the input mask
+      reversed like the returned sequence. `keras.layers.RNN` passes the
+      input mask on unchanged (the default here), so on padded rows it no
+      longer marks the padding of its reversed outputs: the next layer
+      skips the wrong steps. Set this to mask the steps the outputs really
+      hold padding at.
     **kwargs: `keras.layers.Layer` arguments (`name`, `dtype`, ...). The
       dtype defaults to the step's dtype policy when the step is a layer.
 
@@ -79,7 +94,7 @@ class StepRNN(keras.layers.Layer):
     training: Passed to the step.
 
   Raises:
-    TypeError: If `hoist` is not a bool.
+    TypeError: If `hoist` or `reverse_output_mask` is not a bool.
     ValueError: At build, if `stateful=True` and the batch size is unknown;
       at call, if a stateful layer gets another batch size.
   """
@@ -87,8 +102,10 @@ class StepRNN(keras.layers.Layer):
   def __init__(self, step: Any, return_sequences: bool = True,
                return_state: bool = False, go_backwards: bool = False,
                stateful: bool = False, zero_output_for_mask: bool = False,
-               unroll: int | bool = 1, hoist: bool = False, **kwargs):
+               unroll: int | bool = 1, hoist: bool = False,
+               reverse_output_mask: bool = False, **kwargs):
     _checks.check_bool(hoist, "hoist")
+    _checks.check_bool(reverse_output_mask, "reverse_output_mask")
     if isinstance(step, (list, tuple)):  # As keras.layers.RNN.
       step = keras.layers.StackedRNNCells(step)
     if isinstance(step, keras.layers.Layer) and "dtype" not in kwargs:
@@ -105,6 +122,7 @@ class StepRNN(keras.layers.Layer):
     self.zero_output_for_mask = zero_output_for_mask
     self.unroll = unroll
     self.hoist = hoist
+    self.reverse_output_mask = reverse_output_mask
     self.supports_masking = True
     self.states = None  # Variables, with `stateful=True`, once built.
     self._num_states = None  # Learned at call time for a plain callable.
@@ -138,6 +156,9 @@ class StepRNN(keras.layers.Layer):
         unroll=self._unroll(sequences), training=training, hoist=self.hoist)
     if self.go_backwards and self.return_sequences:
       outputs = tf.nest.map_structure(lambda y: tf.reverse(y, [1]), outputs)
+    if (not self.return_sequences and self.zero_output_for_mask
+        and _first_mask(mask) is not None):
+      outputs = self._zero_if_last_step_masked(outputs, _first_mask(mask))
     if self.stateful:
       for variable, state in zip(self.states, tf.nest.flatten(states)):
         variable.assign(tf.cast(state, variable.dtype))
@@ -146,7 +167,7 @@ class StepRNN(keras.layers.Layer):
     self._num_states = len(_top(states))
     if not self.return_state:
       return outputs
-    return [outputs, *_top(states)]
+    return (outputs, *_top(states))  # A tuple, as keras.layers.RNN.
 
   def compute_output_spec(self, sequences: Nest, initial_state: Nest = None,
                           mask: Any = None, training: Any = None) -> Nest:
@@ -172,7 +193,7 @@ class StepRNN(keras.layers.Layer):
     if not self.return_state:
       return outputs
     states = tf.nest.map_structure(lambda s: tensor(s, (batch,)), state_spec)
-    return (outputs, *_top(states))
+    return (outputs, *_declared_nesting(self.step, _top(states)))
 
   def compute_output_shape(self, sequences_shape,
                            initial_state_shape=None) -> Nest:
@@ -188,36 +209,74 @@ class StepRNN(keras.layers.Layer):
                                  self.compute_output_spec(inputs))
 
   def compute_mask(self, inputs: Nest, mask: Any = None) -> Any:
-    """The input mask for returned sequences (reversed with `go_backwards`,
-    like the outputs), else None; None for every returned state."""
+    """The input mask for returned sequences (as Keras, unreversed with
+    `go_backwards` unless `reverse_output_mask`), else None; None for every
+    returned state."""
     mask = _first_mask(mask)
     if mask is None or not self.return_sequences:
       output_mask = None
+    elif self.go_backwards and self.reverse_output_mask:
+      output_mask = keras.ops.flip(mask, 1)
     else:
-      output_mask = keras.ops.flip(mask, 1) if self.go_backwards else mask
+      output_mask = mask
     if not self.return_state:
       return output_mask
     return [output_mask] + [None] * self._state_count()
 
-  def reset_states(self) -> None:
-    """Sets a stateful layer's states back to the step's initial state."""
-    self.reset_state()
+  @property
+  def cell(self) -> Any:
+    """The step, as given (a list of cells as a `StackedRNNCells`): Keras'
+    `RNN.cell` for a cell, and the step model, `stepper.stack` or callable
+    itself otherwise (what advances one time step, whatever its kind)."""
+    return self.step
 
-  def reset_state(self) -> None:
-    """Keras' name for `reset_states`.
+  def get_initial_state(self, batch_size: int | tf.Tensor) -> list:
+    """The states a call starts from without `initial_state`, as Keras'.
+
+    Args:
+      batch_size: Rows (an int or a scalar integer tensor).
+
+    Returns:
+      A list with one entry per top-level state (`[h, c]` for an LSTM cell,
+      one entry per layer for a stack), each `[batch_size, ...]`: the cell's
+      `get_initial_state` (zeros where it has none), zeros for a step
+      model's state inputs, each layer's for a stack.
 
     Raises:
-      AttributeError: If the layer is not stateful.
+      ValueError: If the step is a plain callable, which declares no states
+        (pass `initial_state` when calling the layer).
     """
-    if not self.stateful:
-      raise AttributeError(
-          f"{self.name} is not stateful (stateful=False): it keeps no states "
-          "to reset.")
+    return _top(steps_lib.as_step(self.step).initial_state(batch_size))
+
+  def reset_states(self, to_initial_state: bool = False) -> None:
+    """Keras' alias of `reset_state`."""
+    self.reset_state(to_initial_state)
+
+  def reset_state(self, to_initial_state: bool = False) -> None:
+    """Sets a stateful layer's states to zeros, as `keras.layers.RNN`.
+
+    Does nothing for a layer that is not stateful or not built yet (its
+    first call starts from the step's initial state), as Keras.
+
+    Args:
+      to_initial_state: Set them to the step's initial state instead
+        (`get_initial_state()`). Keras resets to zeros even where the cell's
+        `get_initial_state` is not zero (a learned initial state), so a
+        stateful layer starts its first sequence there and every sequence
+        after a reset at zeros; with True every sequence starts where the
+        first did.
+
+    Raises:
+      TypeError: If `to_initial_state` is not a bool.
+    """
+    _checks.check_bool(to_initial_state, "to_initial_state")
     if self.states is None:
-      return  # Not built yet: the first call starts from the initial state.
-    batch = self.states[0].shape[0]
-    initial = tf.nest.flatten(steps_lib.as_step(self.step).initial_state(
-        batch))
+      return
+    if not to_initial_state:
+      for variable in self.states:
+        variable.assign(keras.ops.zeros(variable.shape, variable.dtype))
+      return
+    initial = tf.nest.flatten(self.get_initial_state(self.states[0].shape[0]))
     for variable, value in zip(self.states, initial):
       variable.assign(tf.cast(value, variable.dtype))
 
@@ -238,11 +297,25 @@ class StepRNN(keras.layers.Layer):
     if self.states is not None:
       return
     # Not attributes Keras tracks: the carried states are no weights (they
-    # are not saved), as in keras.layers.RNN.
+    # are not saved), as in keras.layers.RNN. Floating states are kept in
+    # the variable dtype (float32 under mixed_float16, as Keras), so the
+    # carry between calls is not rounded to float16.
     self.states = _Untracked([
-        keras.Variable(value, trainable=False, dtype=value.dtype,
-                       name="rnn_state")
+        keras.Variable(value, trainable=False,
+                       dtype=(self.variable_dtype if value.dtype.is_floating
+                              else value.dtype), name="rnn_state")
         for value in tf.nest.flatten(step.initial_state(batch))])
+
+  def _zero_if_last_step_masked(self, outputs: Nest, mask: Any) -> Nest:
+    """Keras' last output with `zero_output_for_mask`: the output at the
+    last step run, zeros where that step is masked (`outputs` holds each
+    row's last valid output)."""
+    mask = tf.cast(mask, tf.bool)
+    last = mask[:, :1] if self.go_backwards else mask[:, -1:]
+    keep = tf.reduce_all(last, axis=1)  # True for no steps: zeros anyway.
+    return tf.nest.map_structure(
+        lambda y: tf.where(tf.reshape(keep, [-1] + [1] * (y.shape.rank - 1)),
+                           y, tf.zeros_like(y)), outputs)
 
   def _check_stateful_batch(self, inputs: Nest) -> None:
     expected = self.states[0].shape[0]
@@ -305,7 +378,7 @@ class StepRNN(keras.layers.Layer):
         return_state=self.return_state, go_backwards=self.go_backwards,
         stateful=self.stateful,
         zero_output_for_mask=self.zero_output_for_mask, unroll=self.unroll,
-        hoist=self.hoist)
+        hoist=self.hoist, reverse_output_mask=self.reverse_output_mask)
     return config
 
   @classmethod
@@ -384,6 +457,33 @@ def _as_states(step: steps_lib.Step, initial_state: Nest) -> Nest:
             for s, spec in zip(flat, flat_specs)]
     return tf.nest.pack_sequence_as(specs, flat)
   return initial_state  # The engine names the mismatch.
+
+
+def _declared_nesting(step: Any, entries: list) -> list:
+  """The top-level states nested as `keras.layers.RNN.compute_output_shape`
+  nests them: bare where a stacked cell's `state_size` is one int.
+
+  Keras' symbolic tensors (and so a functional model's outputs) follow the
+  `state_size`s, while its call nests each cell's states as the cell's
+  `get_initial_state` does: `[h]` for a built-in GRU cell in a stack. The
+  layer does both, as Keras; other stack entries keep their nesting.
+  """
+  if isinstance(step, keras.layers.StackedRNNCells):
+    cells = step.cells
+  elif isinstance(step, stacking.Stack):
+    cells = step.steps
+  else:
+    return entries
+  return [entry[0] if _one_size(getattr(cell, "state_size", None)) and
+          isinstance(entry, list) and len(entry) == 1 else entry
+          for cell, entry in zip(cells, entries)]
+
+
+def _one_size(state_size: Any) -> bool:
+  """Whether a `state_size` declares one state (an int or a shape)."""
+  return state_size is not None and (
+      isinstance(state_size, tf.TensorShape) or
+      not tf.nest.is_nested(state_size))
 
 
 def _top(states: Nest) -> list:

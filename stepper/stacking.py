@@ -232,7 +232,7 @@ def _check_steps(steps: Any) -> list[steps_lib.Step]:
                     f"got {type(steps).__name__}.")
   if not steps:
     raise ValueError("`steps` is empty; a stack needs at least one step.")
-  return [steps_lib.as_step(s) for s in steps]
+  return [steps_lib.as_stack_layer(s) for s in steps]
 
 
 def _check_residual(residual: Any, n: int) -> tuple[bool, ...]:

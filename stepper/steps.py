@@ -238,7 +238,7 @@ def wrap_call(step: Step, wrapper: Callable[[Callable], Callable], *,
 def _adapt(step: Any) -> Step:
   if isinstance(step, keras.Model) and _has_functional_inputs(step):
     return _from_model(step)
-  if hasattr(step, "state_size"):
+  if _is_cell(step):
     return _from_cell(step)
   if callable(step):
     return _from_callable(step)
@@ -246,6 +246,12 @@ def _adapt(step: Any) -> Step:
       "`step` must be a functional keras.Model with inputs [x_t, *states], a "
       "Keras RNN cell (with `state_size`), or a callable "
       f"(x_t, states) -> (y_t, new_states); got {type(step).__name__}.")
+
+
+def _is_cell(step: Any) -> bool:
+  """Whether `as_step` adapts `step` as a Keras RNN cell."""
+  return (not isinstance(step, Step) and hasattr(step, "state_size") and
+          not (isinstance(step, keras.Model) and _has_functional_inputs(step)))
 
 
 def _has_functional_inputs(model: keras.Model) -> bool:
@@ -328,32 +334,89 @@ def _castable(new: Any, state: Any) -> bool:
 
 
 def _cell_state_structure(cell: Any) -> Nest:
-  """Keras' convention: a list/tuple of sizes is several states; a
-  `StackedRNNCells` has a list of states per cell (`[[h1], [h2, c2]]`, as
-  `keras.layers.RNN` returns them)."""
+  """The sizes of a cell's states, nested as `keras.layers.RNN` nests them:
+  a list of one entry per state; for a `StackedRNNCells`, one entry per
+  cell, nested as in `_stacked_entry`."""
   if isinstance(cell, keras.layers.StackedRNNCells):
-    return [_cell_state_structure(c) for c in cell.cells]
+    return [_stacked_entry(c) for c in cell.cells]
+  entry = _stacked_entry(cell)
+  return entry if _is_list(entry) else [entry]
+
+
+def _stacked_entry(cell: Any) -> Nest:
+  """A cell's states as one entry of a stack, nested as
+  `keras.layers.StackedRNNCells` passes and returns them: as the cell's
+  `get_initial_state` nests them, or for a cell without one, a bare state
+  for a single `state_size` (an int), a list for a list of sizes.
+
+  So `[h1, [h2, c2]]` for a custom one-state cell under an LSTM cell, but
+  `[[h1], [h2, c2]]` for a GRU cell under it (its initial state is `[h]`).
+  """
+  if isinstance(cell, keras.layers.StackedRNNCells):
+    return _cell_state_structure(cell)
   state_size = cell.state_size
-  if isinstance(state_size, tf.TensorShape) or not tf.nest.is_nested(
-      state_size):
-    return [state_size]
+  if _is_list(state_size):
+    return state_size
+  get_initial_state = getattr(cell, "get_initial_state", None)
+  if get_initial_state is not None:
+    with tf.init_scope():  # Only its nesting is read: no graph ops.
+      if tf.nest.is_nested(get_initial_state(batch_size=1)):
+        return [state_size]
   return state_size
+
+
+def _is_list(sizes: Any) -> bool:
+  """Whether a `state_size` lists several sizes (a `TensorShape` is one)."""
+  return not isinstance(sizes, tf.TensorShape) and tf.nest.is_nested(sizes)
 
 
 def _size_shape(size) -> list[int | None]:
   return tf.TensorShape(size).as_list()
 
 
-def _from_cell(cell: Any) -> Step:
+def as_stack_layer(step: Any) -> Step:
+  """Adapts a step as one layer of a `stepper.stack`: as `as_step`, but a
+  Keras cell holds its states nested as in `keras.layers.StackedRNNCells`
+  (a bare state for a one-state cell without `get_initial_state`, where
+  `as_step` gives the one-element list Keras' `RNN` passes a lone cell).
+
+  Args:
+    step: Anything `as_step` accepts.
+
+  Returns:
+    The `Step`.
+
+  Raises:
+    TypeError, ValueError: As `as_step`.
+  """
+  adapted = as_step(step)
+  if not _is_cell(step) or _is_list(_stacked_entry(step)):
+    return adapted
+  try:
+    cached = _STACK_LAYERS.get(step)
+  except TypeError:  # Not weak-referenceable; adapt without caching.
+    return _from_cell(step, bare=True)
+  if cached is None:
+    cached = _STACK_LAYERS[step] = _from_cell(step, bare=True)
+  return cached
+
+
+_STACK_LAYERS = weakref.WeakKeyDictionary()
+
+
+def _from_cell(cell: Any, bare: bool = False) -> Step:
+  """The `Step` of a cell; `bare`: its one state not wrapped in a list."""
   name = f"cell {getattr(cell, 'name', type(cell).__name__)!r}"
-  structure = _cell_state_structure(cell)
+  structure = _stacked_entry(cell) if bare else _cell_state_structure(cell)
   dtype = tf.as_dtype(getattr(cell, "compute_dtype", None) or "float32")
   state_specs = tf.nest.map_structure(
       lambda size: tf.TensorSpec([None] + _size_shape(size), dtype), structure,
       expand_composites=False)
 
   def call(x_t, states, training):
-    output, new_states = cell(x_t, states, training=training)
+    # A cell gets a list of states, as from keras.layers.StackedRNNCells.
+    output, new_states = cell(x_t, [states] if bare else states,
+                              training=training)
     flat = tf.nest.flatten(new_states)
     n_expected = len(tf.nest.flatten(structure))
     if len(flat) != n_expected:

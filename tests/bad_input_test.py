@@ -691,6 +691,12 @@ def _misc_cases():
       _Case("step_rnn_features",
             lambda: stepper.StepRNN(_CELL)(tf.ones([2, 4, 5])), {},
             ValueError, r"`inputs`", r"5"),
+      _Case("step_rnn_reverse_output_mask_string",
+            lambda: stepper.StepRNN(_CELL, reverse_output_mask="no"), {},
+            TypeError, r"`reverse_output_mask`", r"'no'"),
+      _Case("step_rnn_reset_states_to_initial_state_int",
+            lambda: stepper.StepRNN(_CELL).reset_states(1), {}, TypeError,
+            r"`to_initial_state`", r"1 of type int"),
       modes=eager)
   return [c._replace(name="misc/" + c.name) for c in bad]
 

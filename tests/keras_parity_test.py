@@ -23,9 +23,11 @@ from keras.src import testing as keras_testing
 class OneStateCell(keras.layers.Layer):
   """`h' = x W + h U`, all-ones weights (Keras' `OneStateRNNCell`)."""
 
-  def __init__(self, units, **kwargs):
+  def __init__(self, units, listed=False, **kwargs):
     super().__init__(**kwargs)
-    self.units = self.state_size = units
+    self.units = units
+    self.listed = listed  # Declare the state size as a list, `[units]`.
+    self.state_size = [units] if listed else units
 
   def build(self, input_shape):
     self.w = self.add_weight((input_shape[-1], self.units), "ones", name="w")
@@ -36,7 +38,7 @@ class OneStateCell(keras.layers.Layer):
     return h, [h]
 
   def get_config(self):
-    return dict(super().get_config(), units=self.units)
+    return dict(super().get_config(), units=self.units, listed=self.listed)
 
 
 class TwoStatesCell(keras.layers.Layer):
@@ -229,7 +231,9 @@ class KerasGoldenNumbersTest(tf.test.TestCase, parameterized.TestCase):
   def test_stacked_cells(self):
     x = _arange(2, 3, 4)
     layer = stepper.StepRNN([OneStateCell(3), OneStateCell(2)], return_state=True)
-    output, [state_1], [state_2] = layer(x)
+    # Keras: a one-state cell without get_initial_state, stacked, returns
+    # its state bare.
+    output, state_1, state_2 = layer(x)
     self.assertAllClose(output, np.stack([
         _rows(18, 156, 786, width=2), _rows(162, 1020, 4386, width=2)]))
     self.assertAllClose(state_1, _rows(158, 782, width=3))
@@ -241,6 +245,35 @@ class KerasGoldenNumbersTest(tf.test.TestCase, parameterized.TestCase):
         lstms(np.ones((2, 3, 4), "float32"),
               mask=np.array([[True, True, True], [True, True, False]])),
         [[0.7793], [0.5998]], atol=1e-4)
+
+  def test_stacked_states_nest_like_keras(self):
+    """`return_state` with `StackedRNNCells` and `stepper.stack`, against
+    `keras.layers.RNN(StackedRNNCells)`: the call's states nest as each
+    cell's `get_initial_state` (bare for a one-state cell without one, `[h]`
+    for a GRU cell), the symbolic ones and `compute_output_shape` as the
+    `state_size`s (an int: bare); the same numbers."""
+    x = _arange(2, 3, 4) / 10
+    cases = (lambda: [OneStateCell(3)],
+             lambda: [OneStateCell(3), OneStateCell(2, listed=True),
+                      TwoStatesCell(2)],
+             lambda: [_GRU(3), OneStateCell(2), _LSTM(2)])
+    for make_cells in cases:
+      reference = keras.layers.RNN(make_cells(), return_state=True)
+      expected = reference(x)
+      for wrap in (keras.layers.StackedRNNCells, stepper.stack):
+        layer = stepper.StepRNN(wrap(make_cells()), return_sequences=False,
+                                return_state=True)
+        layer.build(x.shape)
+        layer.set_weights(reference.get_weights())
+        actual = layer(x)
+        tf.nest.assert_same_structure(actual, expected)
+        self.assertAllClose(actual, expected, atol=1e-5, rtol=1e-5)
+        self.assertEqual(layer.compute_output_shape(x.shape),
+                         reference.compute_output_shape(x.shape))
+        symbolic = [layer(keras.Input(x.shape[1:], batch_size=2)),
+                    reference(keras.Input(x.shape[1:], batch_size=2))]
+        tf.nest.assert_same_structure(*symbolic)
+        self.assertEqual(*[_shapes(s) for s in symbolic])
 
   @parameterized.named_parameters(
       ("one_state", lambda: OneStateCell(8), 1),

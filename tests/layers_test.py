@@ -24,14 +24,13 @@ def _padded_inputs(dtype="float32"):
   return x
 
 
-def _twin_models(kind, dtype="float32", keras_overrides=None, **rnn_kwargs):
+def _twin_models(kind, dtype="float32", **rnn_kwargs):
   """`Masking -> StepRNN(cell)` and `Masking -> RNN(cell)`, same weights."""
   keras.utils.set_random_seed(8)
   cells = [_CELLS[kind](UNITS, dtype=dtype) for _ in range(2)]
-  keras_kwargs = dict(rnn_kwargs, **(keras_overrides or {}))
   models = []
   for layer in (stepper.StepRNN(cells[0], **rnn_kwargs),
-                keras.layers.RNN(cells[1], dtype=dtype, **keras_kwargs)):
+                keras.layers.RNN(cells[1], dtype=dtype, **rnn_kwargs)):
     models.append(keras.Sequential([
         keras.Input((TIME, FEATURES), dtype=dtype),
         keras.layers.Masking(0., dtype=dtype), layer]))
@@ -49,6 +48,13 @@ def _outputs_and_gradients(model, x):
   return y, tape.gradient(loss, [x, model.trainable_variables])
 
 
+class OnesStartGRUCell(keras.layers.GRUCell):
+  """A GRU cell whose states start at ones (e.g. a learned start)."""
+
+  def get_initial_state(self, batch_size=None):
+    return [tf.ones([batch_size, self.units], self.compute_dtype)]
+
+
 class StepRNNTest(tf.test.TestCase, parameterized.TestCase):
 
   @parameterized.product(
@@ -56,13 +62,11 @@ class StepRNNTest(tf.test.TestCase, parameterized.TestCase):
       go_backwards=[False, True], zero_output_for_mask=[False, True])
   def test_step_rnn_matches_keras_rnn_with_masking(
       self, kind, return_sequences, go_backwards, zero_output_for_mask):
-    # Without sequences StepRNN returns each row's last valid output; Keras
-    # zeroes it when the last step is masked and zero_output_for_mask is set.
+    # Rows 0 and 3 end masked, rows 1 and 3 start masked: without sequences
+    # and with zero_output_for_mask both return zeros there.
     models = _twin_models(
         kind, return_sequences=return_sequences, go_backwards=go_backwards,
-        zero_output_for_mask=zero_output_for_mask,
-        keras_overrides=dict(
-            zero_output_for_mask=zero_output_for_mask and return_sequences))
+        zero_output_for_mask=zero_output_for_mask)
     x = _padded_inputs()
     actual, expected = [_outputs_and_gradients(m, x) for m in models]
     # float32 gradients sum over steps: an atol for entries near zero.
@@ -144,7 +148,10 @@ class StepRNNTest(tf.test.TestCase, parameterized.TestCase):
 
   @parameterized.named_parameters(
       ("sequences", dict(), "mask"),
-      ("backwards", dict(go_backwards=True), "reversed"),
+      # Keras passes the input mask on unreversed after go_backwards.
+      ("backwards", dict(go_backwards=True), "mask"),
+      ("backwards_reversed", dict(go_backwards=True,
+                                  reverse_output_mask=True), "reversed"),
       ("last", dict(return_sequences=False), None),
       ("states", dict(return_state=True), ["mask", None, None]))
   def test_compute_mask_matches_expected(self, kwargs, expected):
@@ -153,10 +160,17 @@ class StepRNNTest(tf.test.TestCase, parameterized.TestCase):
     names = {"mask": mask, "reversed": tf.reverse(mask, [1]), None: None}
     expected = (names[expected] if not isinstance(expected, list) else
                 [names[e] for e in expected])
-    actual = layer.compute_mask(tf.zeros([BATCH, TIME, FEATURES]), mask)
+    inputs = tf.zeros([BATCH, TIME, FEATURES])
+    actual = layer.compute_mask(inputs, mask)
     tf.nest.assert_same_structure(actual, expected)
     for a, e in zip(tf.nest.flatten(actual), tf.nest.flatten(expected)):
       self.assertAllEqual(a, e)
+    if "reverse_output_mask" not in kwargs:  # Keras' RNN: the same masks.
+      kwargs.setdefault("return_sequences", True)
+      reference = keras.layers.RNN(keras.layers.LSTMCell(UNITS), **kwargs)
+      for a, e in zip(tf.nest.flatten(actual),
+                      tf.nest.flatten(reference.compute_mask(inputs, mask))):
+        self.assertAllEqual(a, e)
 
   @parameterized.named_parameters(("cell", "cell"), ("model", "model"))
   def test_saved_model_round_trip_matches_original(self, step_kind):
@@ -171,7 +185,7 @@ class StepRNNTest(tf.test.TestCase, parameterized.TestCase):
     model = keras.Sequential([
         keras.Input((TIME, FEATURES)), keras.layers.Masking(0.),
         stepper.StepRNN(step, go_backwards=True, zero_output_for_mask=True,
-                        unroll=2),
+                        unroll=2, reverse_output_mask=True),
         keras.layers.Dense(2)])
     path = os.path.join(self.get_temp_dir(), "model.keras")
     model.save(path)
@@ -227,16 +241,18 @@ class StepRNNDropInTest(tf.test.TestCase):
     reference(x)
     reference.set_weights(ours.get_weights())
     h = [np.full((BATCH, n), 0.5, "float32") for n in (UNITS, 2, 2)]
-    # Keras nests the states per cell, [out, [h1], [h2, c2]]; so does the
-    # layer, for a stepper.stack and for StackedRNNCells, as initial_state
-    # and as returned states.
+    # Keras nests the states per cell as each cell's get_initial_state,
+    # [out, [h1], [h2, c2]]; so does the layer, for a stepper.stack and for
+    # StackedRNNCells, as initial_state and as returned states (and as
+    # Keras, it declares the GRU state bare in compute_output_shape, after
+    # the cell's int state_size).
     actual = ours(x, initial_state=[[h[0]], [h[1], h[2]]])
     self.assertEqual([len(s) for s in actual[1:]], [1, 2])
     testing.assert_nests_close(
         actual, reference(x, initial_state=[[h[0]], [h[1], h[2]]]),
         rtol=1e-5, atol=1e-6)
     self.assertEqual(ours.compute_output_shape((BATCH, TIME, FEATURES)),
-                     ((BATCH, TIME, 2), [(BATCH, UNITS)], [(BATCH, 2)] * 2))
+                     reference.compute_output_shape((BATCH, TIME, FEATURES)))
 
   def test_sequential_with_stack_and_dropout_fits_saves_and_loads(self):
     keras.utils.set_random_seed(16)
@@ -287,9 +303,50 @@ class StepRNNDropInTest(tf.test.TestCase):
                         stepper.StepRNN(keras.layers.GRUCell(UNITS),
                                         stateful=True)])
 
-  def test_reset_state_raises_when_not_stateful(self):
-    with self.assertRaisesRegex(AttributeError, "is not stateful"):
-      stepper.StepRNN(keras.layers.GRUCell(UNITS)).reset_states()
+  def test_reset_states_like_keras_rnn(self):
+    """Zeros, also where the cell starts elsewhere; nothing when not
+    stateful (Keras); the cell's start with `to_initial_state=True`."""
+    x = _padded_inputs()[:, :3]
+    twins = [OnesStartGRUCell(UNITS) for _ in range(2)]
+    ours = stepper.StepRNN(twins[0], return_sequences=False, stateful=True)
+    reference = keras.layers.RNN(twins[1], stateful=True)
+    ours(x)
+    reference(x)
+    twins[1].set_weights(twins[0].get_weights())
+    ours.reset_states()
+    reference.reset_states()
+    for _ in range(2):  # From the reset, then from the carried states.
+      testing.assert_nests_close(ours(x), reference(x), rtol=1e-5, atol=1e-6)
+    testing.assert_nests_close(list(ours.states), reference.states, rtol=1e-6)
+    ours.reset_states(to_initial_state=True)
+    self.assertAllEqual(ours.states[0], np.ones((BATCH, UNITS)))
+    for layer in (stepper.StepRNN(twins[0]), keras.layers.RNN(twins[1])):
+      layer(x)
+      layer.reset_states()  # Not stateful: Keras does nothing.
+
+  def test_cell_and_get_initial_state_like_keras_rnn(self):
+    cell = OnesStartGRUCell(UNITS)
+    for step in (cell, [cell, keras.layers.LSTMCell(2)]):
+      ours, reference = stepper.StepRNN(step), keras.layers.RNN(step)
+      self.assertIs(type(ours.cell), type(reference.cell))
+      self.assertEqual(getattr(ours.cell, "cells", None),
+                       getattr(reference.cell, "cells", None))
+      testing.assert_nests_close(ours.get_initial_state(3),
+                                 reference.get_initial_state(3), rtol=0)
+    # A step model: zeros like its state inputs; a stack: each layer's.
+    x_t, h, c = (keras.Input((UNITS,)), keras.Input((UNITS,)),
+                 keras.Input((2,), dtype="float64"))
+    model = keras.Model([x_t, h, c], [h, h, c])
+    zeros = [np.zeros((3, UNITS)), np.zeros((3, 2))]
+    for step, expected in ((model, zeros),
+                           (stepper.stack([cell, model]),
+                            [[np.ones((3, UNITS))], zeros])):
+      layer = stepper.StepRNN(step)
+      self.assertIs(layer.cell, step)
+      testing.assert_nests_close(layer.get_initial_state(3), expected, rtol=0)
+    self.assertEqual(layer.get_initial_state(3)[1][1].dtype, tf.float64)
+    with self.assertRaisesRegex(ValueError, "plain callable does not declare"):
+      stepper.StepRNN(lambda x, s: (x, s)).get_initial_state(3)
 
   def test_bidirectional_raises_on_bad_layers(self):
     forward = stepper.StepRNN(keras.layers.GRUCell(UNITS))

@@ -93,6 +93,24 @@ class MixedPrecisionTest(tf.test.TestCase, parameterized.TestCase):
     self.assertEqual([t.dtype for t in actual], [tf.float16] * 2)
     testing.assert_nests_close(list(actual), list(expected), rtol=0)
 
+  def test_stateful_step_rnn_keeps_float32_states_like_keras(self):
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    cells = [keras.layers.LSTMCell(UNITS) for _ in range(2)]
+    layers = [stepper.StepRNN(cells[0], stateful=True),
+              keras.layers.RNN(cells[1], return_sequences=True, stateful=True)]
+    x = _x()
+    layers[0](x)
+    layers[1](x)
+    cells[1].set_weights(cells[0].get_weights())
+    for layer in layers:
+      layer.reset_states()
+    for _ in range(2):  # The second call starts from the carried states.
+      actual, expected = layers[0](x), layers[1](x)
+      self.assertEqual(actual.dtype, tf.float16)
+      self.assertAllEqual(actual, expected)
+    self.assertEqual([v.dtype for v in layers[0].states], ["float32"] * 2)
+    self.assertAllEqual(list(layers[0].states), layers[1].states)
+
   @parameterized.named_parameters(
       ("bfloat16", "mixed_bfloat16", keras.optimizers.SGD, 1e-2),
       ("float16_loss_scale", "mixed_float16",
