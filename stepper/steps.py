@@ -387,7 +387,8 @@ def as_stack_layer(step: Any) -> Step:
     The `Step`.
 
   Raises:
-    TypeError, ValueError: As `as_step`.
+    TypeError: As `as_step`, if `step` cannot be adapted.
+    ValueError: As `as_step`, for a malformed step model.
   """
   adapted = as_step(step)
   if not _is_cell(step) or _is_list(_stacked_entry(step)):
