@@ -74,13 +74,19 @@ class _Fetches(html.parser.HTMLParser):
 
 
 def _external_fetches(site):
+  """{file: [URL]} for each page or stylesheet that loads from another host."""
   found = {}
-  for page in site.rglob("*.html"):
-    parser = _Fetches()
-    parser.feed(page.read_text(encoding="utf-8"))
-    urls = [u for u in parser.urls if re.match(r"(https?:)?//", u)]
+  for path in sorted(site.rglob("*.html")) + sorted(site.rglob("*.css")):
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".css":
+      urls = re.findall(r"""(?:@import\s*|url\()\s*['"]?((?:https?:)?//[^'")\s]+)""",
+                        text)
+    else:
+      parser = _Fetches()
+      parser.feed(text)
+      urls = [u for u in parser.urls if re.match(r"(https?:)?//", u)]
     if urls:
-      found[str(page.relative_to(site))] = urls
+      found[str(path.relative_to(site))] = urls
   return found
 
 
@@ -230,8 +236,12 @@ def test_offline_scan_finds_external_fetches(tmp_path):
       '<script src="assets/local.js"></script>'
       '<script>import("https://cdn.example/m.mjs")</script>'
       '<a href="https://example.com/">a link is not a fetch</a>')
+  (tmp_path / "b.css").write_text(
+      '@import "https://fonts.example/f.css"; a { background: url(x.png) }'
+      ' b { src: url(//fonts.example/f.woff2) }')
   assert _external_fetches(tmp_path) == {
-      "a.html": ["https://fonts.googleapis.com/css", "https://cdn.example/m.mjs"]}
+      "a.html": ["https://fonts.googleapis.com/css", "https://cdn.example/m.mjs"],
+      "b.css": ["https://fonts.example/f.css", "//fonts.example/f.woff2"]}
 
 
 def test_reference_check_names_a_public_name_without_entry(tmp_path):
