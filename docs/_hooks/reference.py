@@ -124,7 +124,8 @@ def _page(path):
 
 def _summary(obj):
   doc = inspect.getdoc(obj) or ""
-  return doc.split("\n\n", 1)[0].replace("\n", " ")
+  # One table cell: a `|` would end it.
+  return doc.split("\n\n", 1)[0].replace("\n", " ").replace("|", "\\|")
 
 
 def _index():
