@@ -13,6 +13,7 @@ import keras
 import tensorflow as tf
 
 from stepper import _checks
+from stepper import _loop
 from stepper import engine
 from stepper import layers
 
@@ -28,6 +29,7 @@ _MERGES = {
 }
 
 
+@_loop.unconverted
 def bidirectional(
     forward_step: Any,
     backward_step: Any,

@@ -38,6 +38,7 @@ Nest = Any
 _GRADIENTS = ("through", "truncate")
 
 
+@_loop.unconverted
 def run_chunks(
     step: Any,
     inputs: Nest,
@@ -371,6 +372,7 @@ class StatefulRunner(tf.Module):
     return tf.nest.pack_sequence_as(
         self._initial, [v.value() for v in self._state_variables])
 
+  @_loop.unconverted
   def __call__(self, chunk: Nest, training: bool | tf.Tensor | None = None,
                *, mask: tf.Tensor | None = None,
                resets: tf.Tensor | None = None) -> Nest:

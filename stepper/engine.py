@@ -21,6 +21,7 @@ from stepper import steps as steps_lib
 Nest = Any
 
 
+@_loop.unconverted
 def model_rnn(
     step: Any,
     inputs: Nest,
