@@ -1,4 +1,4 @@
-r"""Seeded, paired, resumable experiments: the runner behind every published result.
+r"""Seeded, paired, resumable experiments: the runner behind published results.
 
 An experiment is a set of named *settings*, each a function
 `(seed: int) -> dict`, run for several seeds. The function builds its model
@@ -7,7 +7,8 @@ and data from the seed and returns its metrics:
     def tbptt_16_64(seed):
       ...train...
       return {"val_bpc": 3.41, "seconds_per_update": 0.07,
-              "curve": [5.2, 4.9, ...]}    # optional: one value per update
+              "curve": [5.2, 4.9, ...],    # optional: e.g. loss per update
+              "curve_x": [1, 2, ...]}      # optional: its x (default 1, 2..)
 
 * Pairing. Every setting is called with the same seeds, and a setting must
   draw its data (order included) from the seed alone, never from the setting:
@@ -67,6 +68,7 @@ import numpy as np
 Setting = Callable[[int], Mapping[str, Any]]
 
 _CURVE = "curve"
+_CURVE_X = "curve_x"
 
 
 def t_quantile(p: float, df: int) -> float:
@@ -271,7 +273,9 @@ class Results:
             lower_is_better: bool = True, digits: int = 3,
             confidence: float = 0.95) -> str:
     """A Markdown table: per setting, seeds, mean +- sd, range, and (with a
-    `baseline`) the paired difference with its interval and verdict."""
+    `baseline`) the paired difference with its interval and verdict. A
+    verdict whose whole interval rounds to 0 at `digits` says so
+    ("worse, by < 0.0005")."""
     fmt = f"{{:.{digits}f}}"
     head = f"| setting | seeds | {metric}: mean ± sd | min – max |"
     rule = "|---|---:|---:|---:|"
@@ -294,8 +298,13 @@ class Results:
         elif c.verdict == "n/a":
           line += f" {fmt.format(c.mean)} ({len(c.seeds)} pair) | n/a |"
         else:
+          # Identical computations in two implementations differ by float
+          # rounding: a "better" that small is not a result; say so.
+          small = 0.5 * 10.0**-digits
+          tiny = (f", by < {small:g}" if c.verdict != "tie" and
+                  max(abs(c.ci_low), abs(c.ci_high)) < small else "")
           line += (f" {c.mean:+.{digits}f} [{c.ci_low:+.{digits}f}, "
-                   f"{c.ci_high:+.{digits}f}] | {c.verdict} |")
+                   f"{c.ci_high:+.{digits}f}] | {c.verdict}{tiny} |")
       lines.append(line)
     return "\n".join(lines)
 
@@ -303,6 +312,14 @@ class Results:
     """`seed -> curve` of `setting` (runs without a curve left out)."""
     return {r["seed"]: np.asarray(r[key], np.float64) for r in self.runs
             if r["setting"] == setting and key in r}
+
+  def curve_x(self, setting: str) -> np.ndarray | None:
+    """The x of `setting`'s curves (`"curve_x"` of its first run that has
+    one), or None (then x is 1, 2, ...)."""
+    for r in self.runs:
+      if r["setting"] == setting and _CURVE_X in r:
+        return np.asarray(r[_CURVE_X], np.float64)
+    return None
 
   def plot(self, path: str, *, settings: Sequence[str] | None = None,
            key: str = _CURVE, smooth: int = 1, xlabel: str = "update",
@@ -335,12 +352,14 @@ class Results:
       color = colors[i % len(colors)]
       curves = [np.convolve(c, kernel, mode="valid")
                 for c in self.curves(setting, key).values()]
-      x0 = smooth  # A smoothed point stands at its window's last update.
-      for c in curves:
-        axes.plot(np.arange(c.size) + x0, c, color=color, alpha=0.2, lw=0.8)
       n = min(c.size for c in curves)
+      x = self.curve_x(setting)
+      # A smoothed point stands at its window's last x.
+      x = (np.arange(n) + smooth if x is None else x[smooth - 1:])[:n]
+      for c in curves:
+        axes.plot(x, c[:n], color=color, alpha=0.2, lw=0.8)
       mean = np.mean([c[:n] for c in curves], axis=0)
-      axes.plot(np.arange(n) + x0, mean, color=color, lw=2,
+      axes.plot(x, mean, color=color, lw=2,
                 label=f"{setting} (mean of {len(curves)} seeds)")
     if logy:
       axes.set_yscale("log")
@@ -361,8 +380,9 @@ def run(settings: Mapping[str, Setting], seeds: int | Sequence[int],
 
   Args:
     settings: `name -> fn(seed) -> dict`. The dict's `"curve"` (a list of
-      floats, e.g. the loss per update) is kept apart; every other entry is a
-      metric (JSON-serializable; numbers for `summary`/`compare`).
+      floats, e.g. the loss per update) and `"curve_x"` (its x values) are
+      kept apart; every other entry is a metric (JSON-serializable; numbers
+      for `summary`/`compare`).
     seeds: A count `n` (seeds `0..n-1`) or the seeds themselves.
     path: The JSON file, read first if it exists and written after every
       run; None keeps everything in memory.
@@ -400,10 +420,12 @@ def run(settings: Mapping[str, Setting], seeds: int | Sequence[int],
       if not isinstance(out, Mapping):
         raise TypeError(f"Setting {name!r} returned {type(out).__name__}; "
                         "expected a dict of metrics.")
-      record = dict(setting=name, seed=seed,
-                    metrics={k: v for k, v in out.items() if k != _CURVE})
+      record = dict(setting=name, seed=seed, metrics={
+          k: v for k, v in out.items() if k not in (_CURVE, _CURVE_X)})
       if _CURVE in out:
         record[_CURVE] = [round(float(v), 5) for v in out[_CURVE]]
+      if _CURVE_X in out:
+        record[_CURVE_X] = [float(v) for v in out[_CURVE_X]]
       results.runs.append(json.loads(json.dumps(record)))
       if path is not None:
         results.save(path)

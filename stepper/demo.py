@@ -18,17 +18,19 @@ budget of optimizer updates:
   backpropagating `k2` steps, far enough for every loss step.
 
 Each run shows a Progbar and writes TensorBoard scalars. The demo then prints
-a table (test loss, accuracy, time, peak memory) with the lesson in one line
-under it, read off the results, checks the engine's gradients against
-`keras.layers.GRU` with the same weights (`stepper.verify.compare`), plots
-the three learning curves against updates to a PNG, and names the output
-directory.
+a table (updates, reach of the gradient, test loss, accuracy, time) with the
+lesson in one line under it, read off the table, checks the engine's
+gradients against `keras.layers.GRU` with the same weights
+(`stepper.verify.compare`), plots the three learning curves against updates
+to a PNG, and names the output directory.
+
+The table is one seed (`--seed`). `python -m benchmarks.demo_seeds` (in the
+repository, not the package) runs the same three runs for several seeds
+through `benchmarks.experiment` and reports mean +- sd and paired intervals.
 """
 
 import json
 import os
-import resource
-import sys
 import tempfile
 import time as time_lib
 
@@ -89,25 +91,8 @@ def gru_step_model(units: int, features: int) -> keras.Model:
   return keras.Model([x, h], [y, new_h[0]])
 
 
-def _reset_peak_memory() -> None:
-  if tf.config.list_logical_devices("GPU"):
-    tf.config.experimental.reset_memory_stats("GPU:0")
-
-
-def _peak_memory_mib() -> tuple[float, str]:
-  """Peak memory and what it measures: the GPU's peak since the last reset
-  where TensorFlow tracks it, else the process's peak RSS so far."""
-  if tf.config.list_logical_devices("GPU"):
-    info = tf.config.experimental.get_memory_info("GPU:0")
-    return info["peak"] / 2**20, "peak GPU:0 memory allocated by TensorFlow"
-  # Linux reports ru_maxrss in KiB, macOS in bytes.
-  scale = 1 if sys.platform == "darwin" else 2**10
-  return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20,
-          "peak RSS of the whole process so far (CPU: TensorFlow does not "
-          "track CPU allocations), so it can only grow from run to run")
-
-
-def _runs() -> list[tuple[str, tuple[int, int] | None]]:
+def runs() -> list[tuple[str, tuple[int, int] | None]]:
+  """`(name, tbptt)` of the three runs, `tbptt` None for full BPTT."""
   return [("full BPTT", None),
           (f"TBPTT(k1=k2={_K_SHORT.value})", (_K_SHORT.value, _K_SHORT.value)),
           (f"TBPTT(k1={_K1.value},k2={_K2.value})", (_K1.value, _K2.value))]
@@ -123,11 +108,24 @@ def reach(tbptt: tuple[int, int] | None) -> int:
   return _TIME.value - 1 if tbptt is None else min(tbptt[1], _TIME.value) - 1
 
 
+def make_data(seed: int) -> dict:
+  """The training batches and test set drawn from `seed`."""
+  rng = np.random.default_rng(seed)
+  x, y = delay_task(_UPDATES.value * _BATCH.value, _TIME.value, _LAG.value,
+                    rng)
+  x_test, y_test = delay_task(_TEST_SIZE.value, _TIME.value, _LAG.value, rng)
+  return dict(
+      train=tf.data.Dataset.from_tensor_slices((x, y)).batch(_BATCH.value),
+      test=(x_test, y_test),
+      test_dataset=tf.data.Dataset.from_tensor_slices(
+          (x_test, y_test)).batch(_BATCH.value))
+
+
 def train_one(index: int, name: str, tbptt: tuple[int, int] | None,
-              data: dict, output_dir: str) -> dict:
-  """Trains a fresh model one way with the update budget; returns its row
-  of the table."""
-  keras.utils.set_random_seed(_SEED.value)
+              data: dict, output_dir: str, seed: int) -> dict:
+  """Trains a fresh model (weights from `seed`) one way with the update
+  budget on `data` (`make_data`); returns its row of the table."""
+  keras.utils.set_random_seed(seed)
   step = gru_step_model(_UNITS.value, 1)
   trainer = stepper.Trainer(
       step, keras.layers.Dense(1), loss="mse", tbptt=tbptt,
@@ -138,11 +136,9 @@ def train_one(index: int, name: str, tbptt: tuple[int, int] | None,
   batches = -(-_UPDATES.value // per_batch)
   curve = stepper.BatchLosses()
   print(f"\n{name}: {batches} batches x {per_batch} updates")
-  _reset_peak_memory()
   start = time_lib.perf_counter()
   trainer.fit(data["train"], epochs=1, steps=batches, callbacks=[curve])
   seconds = time_lib.perf_counter() - start
-  memory, _ = _peak_memory_mib()
   x_test, y_test = data["test"]
   predictions = trainer.predict(x_test).numpy()[:, _LAG.value:]
   accuracy = float(np.mean(np.sign(predictions) == y_test[:, _LAG.value:]))
@@ -150,7 +146,7 @@ def train_one(index: int, name: str, tbptt: tuple[int, int] | None,
   logging.info("%s: test loss %.4f, accuracy %.3f, %.1f s", name, loss,
                accuracy, seconds)
   return dict(run=name, updates=trainer.global_step, loss=loss,
-              accuracy=accuracy, seconds=seconds, peak_mib=memory,
+              accuracy=accuracy, seconds=seconds,
               reach=reach(tbptt), curve=curve.losses,
               curve_updates=[per_batch * (i + 1)
                              for i in range(len(curve.losses))], step=step)
@@ -164,32 +160,37 @@ def print_table(rows: list[dict]) -> None:
   """The final table, one line per run, `|`-separated, and the lesson."""
   print(f"\ndelay task (y_t = x_(t-{_LAG.value})), T={_TIME.value}, batches "
         f"of {_BATCH.value}, {_UNITS.value} GRU units; test set of "
-        f"{_TEST_SIZE.value} sequences")
-  print(f"{'run':<22} | {'updates':>7} | {'test loss':>9} | {'accuracy':>8} | "
-        f"{'time s':>7} | {'peak MiB':>8}")
+        f"{_TEST_SIZE.value} sequences; ONE seed (--seed={_SEED.value}): for "
+        "several seeds with intervals run `python -m benchmarks.demo_seeds` "
+        "(benchmarks/results/demo_seeds.md)")
+  print(f"{'run':<22} | {'updates':>7} | {'reach':>5} | {'test loss':>9} | "
+        f"{'accuracy':>8} | {'time s':>7}")
   for r in rows:
-    print(f"{r['run']:<22} | {r['updates']:>7d} | {r['loss']:>9.5f} | "
-          f"{r['accuracy']:>8.3f} | {r['seconds']:>7.2f} | "
-          f"{r['peak_mib']:>8.1f}")
+    print(f"{r['run']:<22} | {r['updates']:>7d} | {r['reach']:>5d} | "
+          f"{r['loss']:>9.5f} | {r['accuracy']:>8.3f} | {r['seconds']:>7.2f}")
   print(lesson(rows))
-  print(f"accuracy: share of signs right at steps >= lag (chance 0.5); "
+  print(f"reach: the farthest back (steps) any loss step's gradient reaches; "
+        f"accuracy: share of signs right at steps >= lag (chance 0.5); "
         f"predicting zeros gives a test loss of "
-        f"{(_TIME.value - _LAG.value) / _TIME.value:.3f}; peak MiB: "
-        f"{_peak_memory_mib()[1]}.")
+        f"{(_TIME.value - _LAG.value) / _TIME.value:.3f}.")
 
 
 def lesson(rows: list[dict]) -> str:
-  """One line read off the results: which runs learned the delay, and how
-  far back their gradients reach."""
+  """One line read off the table: which runs learned the delay, how far
+  back their gradients reach, and whether this seed splits them by reach."""
   def names(learned):
     group = [f"{r['run']} (reach {r['reach']})" for r in rows
              if (r["accuracy"] >= _LEARNED) == learned]
     return ", ".join(group) or "none"
+  split = all((r["accuracy"] >= _LEARNED) == (r["reach"] >= _LAG.value)
+              for r in rows)
+  reading = (f"on this seed, exactly the runs whose gradient reaches "
+             f"{_LAG.value} steps back learned it" if split else
+             f"on this seed, reaching {_LAG.value} steps back does not "
+             "separate the runs that learned it from the others")
   return (f"lesson: the target needs the input {_LAG.value} steps back; with "
           f"the same {_UPDATES.value} updates, learned it (accuracy >= "
-          f"{_LEARNED}): {names(True)}; did not: {names(False)}. A gradient "
-          f"that reaches back fewer than {_LAG.value} steps cannot teach the "
-          "state to remember.")
+          f"{_LEARNED}): {names(True)}; did not: {names(False)}; {reading}.")
 
 
 def plot(rows: list[dict], path: str) -> bool:
@@ -229,20 +230,12 @@ def main(argv):
   del argv
   output_dir = _OUTPUT_DIR.value or tempfile.mkdtemp(prefix="stepper_demo_")
   os.makedirs(output_dir, exist_ok=True)
-  rng = np.random.default_rng(_SEED.value)
-  x, y = delay_task(_UPDATES.value * _BATCH.value, _TIME.value, _LAG.value,
-                    rng)
-  x_test, y_test = delay_task(_TEST_SIZE.value, _TIME.value, _LAG.value, rng)
-  data = dict(
-      train=tf.data.Dataset.from_tensor_slices((x, y)).batch(_BATCH.value),
-      test=(x_test, y_test),
-      test_dataset=tf.data.Dataset.from_tensor_slices(
-          (x_test, y_test)).batch(_BATCH.value))
-  rows = [train_one(i, name, tbptt, data, output_dir)
-          for i, (name, tbptt) in enumerate(_runs())]
+  data = make_data(_SEED.value)
+  rows = [train_one(i, name, tbptt, data, output_dir, _SEED.value)
+          for i, (name, tbptt) in enumerate(runs())]
   print_table(rows)
 
-  report = verify_engine(rows[0]["step"], x_test[:4])
+  report = verify_engine(rows[0]["step"], data["test"][0][:4])
   print(f"\n{report}")
   if not plot(rows, os.path.join(output_dir, "learning_curves.png")):
     print("\nmatplotlib is not installed: no learning_curves.png "

@@ -14,6 +14,8 @@ from benchmarks import memory
 from benchmarks import remat as remat_bench
 from benchmarks import report
 from benchmarks import rnn
+from benchmarks import stdlib_text
+from benchmarks import stream_lstm
 from benchmarks import timing
 from benchmarks import variants
 from stepper import testing
@@ -161,24 +163,52 @@ class RunTest(tf.test.TestCase):
     self.assertIn("| stepper |", text)
     self.assertNotIn("old", text)
 
-  def test_char_lm_smoke_run_writes_json_table_and_plot(self):
+  def test_char_lm_smoke_run_writes_json_table_and_plots(self):
     output = os.path.join(self.get_temp_dir(), "lm", "char_lm.json")
     result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.char_lm", "--chars=600",
-         "--val_chars=200", "--batch=2", "--units=4", "--embed=3",
-         "--settings=4:10", "--keras_k=4", f"--out={output}"],
+        [sys.executable, "-m", "benchmarks.char_lm", "--k1=4",
+         "--k2_factors=2", "--updates=3", "--seeds=1", "--batch=2",
+         "--units=4", "--embed=3", "--excerpt=300", "--val_chars=600",
+         f"--out={output}"],
         cwd=_ROOT, check=True, capture_output=True, text=True,
         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
     with open(output) as f:
       runs = json.load(f)["runs"]
-    self.assertEqual([r["run"] for r in runs],
-                     ["Keras LSTM(stateful) k=4", "stepper TBPTT(4,10)"])
-    # The same data and batches: the same number of updates every way.
-    self.assertEqual({r["updates"] for r in runs}, {(600 - 1) // 2 // 4})
-    for r in runs:  # Near log2(vocab) bits after so few updates.
-      self.assertBetween(r["val_bpc"], 1.0, 8.0)
-    self.assertIn("| stepper TBPTT(4,10) | 4 | 10 | 74 |", result.stdout)
-    self.assertTrue(os.path.exists(output.replace(".json", ".png")))
+    self.assertEqual([(r["setting"], r["seed"]) for r in runs],
+                     [("TBPTT(4,8)", 0), ("Keras stateful k=4", 0)])
+    for r in runs:  # The same number of updates every way.
+      self.assertEqual(r["metrics"]["updates"], 3)
+      self.assertLen(r["curve"], 3)
+      # Near log2(vocab) = 6.7 bits after so few updates.
+      self.assertBetween(r["metrics"]["val_bits"], 4.0, 8.0)
+    # One seed: no interval (the runner's tests check those).
+    self.assertRegex(result.stdout, r"\| Keras stateful k=4 \| 1 \| .* \| "
+                     r"n/a \|")
+    self.assertTrue(os.path.exists(output.replace(".json", "_k4.png")))
+    self.assertTrue(os.path.exists(output.replace(".json", ".md")))
+
+  def test_stdlib_split_holds_out_whole_file_excerpts(self):
+    train, val = stdlib_text.stdlib_split(excerpt=2000, val_chars=20_000,
+                                      split_seed=0)
+    self.assertGreaterEqual(len(val), 20_000)
+    self.assertLess(len(val), 22_000)  # Stops at the first excerpt past it.
+    self.assertLessEqual(max(len(e) for e in train), 2000)
+    for e in train:  # Whole files: no training excerpt in the validation.
+      self.assertNotIn(e, val)
+    again = stdlib_text.stdlib_split(2000, 20_000, 0)
+    self.assertEqual(again, (train, val))
+    # A seed fixes the order: the same for every setting, not across seeds.
+    n = sum(len(e) for e in train)
+    ids = [stdlib_text.training_ids(train, seed, n) for seed in (0, 0, 1)]
+    np.testing.assert_array_equal(ids[0], ids[1])
+    self.assertFalse(np.array_equal(ids[0], ids[2]))
+    np.testing.assert_array_equal(np.sort(ids[0]), np.sort(ids[2]))
+
+  def test_delay_stream_targets_are_the_inputs_lag_back(self):
+    x, y = stream_lstm.delay_stream(50, 6, 4, np.random.default_rng(0))
+    self.assertEqual((x.shape, y.shape), ((50,), (50,)))
+    np.testing.assert_array_equal(y[6:], x[:-6])
+    self.assertEqual(set(np.unique(x)), {1, 2, 3, 4})
 
   def test_update_readme_raises_on_missing_markers(self):
     readme = os.path.join(self.get_temp_dir(), "README.md")

@@ -1,4 +1,4 @@
-"""Tests of the experiment runner (`benchmarks/experiment.py`): seconds, no TF."""
+"""Tests of the experiment runner `benchmarks/experiment.py` (no TF: seconds)."""
 
 import contextlib
 import io
@@ -101,10 +101,16 @@ class StatisticsTest(absltest.TestCase):
   def test_table_marks_ties_and_the_baseline(self):
     table = _results(dict(base=[1.0, 2.0, 3.0], mixed=[1.1, 1.9, 3.0])
                      ).table("m", "base")
-    self.assertIn("| base | 3 | 2.000 ± 1.000 | 1.000 – 3.000 | (baseline) |",
-                  table)
+    self.assertIn(
+        "| base | 3 | 2.000 ± 1.000 | 1.000 – 3.000 | (baseline) |", table)
     self.assertRegex(table, r"\| mixed \| 3 \| .* \| \+0\.000 \[-0\.\d+, "
                      r"\+0\.\d+\] \| tie \|")
+
+  def test_table_flags_differences_below_its_precision(self):
+    table = _results(dict(base=[1.0, 2.0, 3.0],
+                          same=[1.0 + 1e-7, 2.0 + 1.1e-7, 3.0 + 1e-7])
+                     ).table("m", "base")
+    self.assertIn("| worse, by < 0.0005 |", table)
 
   def test_unknown_metric_raises(self):
     with self.assertRaisesRegex(KeyError, "metric 'nope'"):
@@ -165,6 +171,10 @@ class RunTest(absltest.TestCase):
     results = experiment.run(self._settings(), seeds=2, path=self.path,
                              log=None)
     png = os.path.join(os.path.dirname(self.path), "x.png")
+    self.assertTrue(results.plot(png, smooth=2))
+    results.runs[0]["curve_x"] = [2, 4, 6]  # Setting "a" has its own x.
+    np.testing.assert_array_equal(results.curve_x("a"), [2, 4, 6])
+    self.assertIsNone(results.curve_x("b"))
     self.assertTrue(results.plot(png, smooth=2))
     with open(png, "rb") as f:
       self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
