@@ -2,7 +2,8 @@
 
 A private module with public names: each `check_*` raises a TypeError or
 ValueError naming the argument, the expected and the received value;
-`with_head` puts the head on the step.
+`with_head` puts the head on the step; `row_wise` says whether the head may
+run after the loop instead, on all steps at once (`over_time`).
 """
 
 from typing import Any, Callable
@@ -11,6 +12,7 @@ import keras
 import tensorflow as tf
 
 from stepper import _checks
+from stepper import _loop
 from stepper import steps as steps_lib
 
 
@@ -32,6 +34,58 @@ def with_head(step: steps_lib.Step, head: Any) -> steps_lib.Step:
       step, headed,
       name=f"{step.name} with head {getattr(head, 'name', '')!r}",
       input_spec=step.input_spec, initial_state_fn=step.initial_state)
+
+
+# Layers that map each row of a `[rows, ...]` input alone, with no state and
+# no batch statistics: applied to `[batch * time, ...]` they give each step
+# exactly what `batch` rows at a time give (Dropout: one draw of the same
+# distribution, as Keras draws it over the whole sequence). Exact types: a
+# subclass may override `call`.
+_ROW_WISE = (keras.layers.Dense, keras.layers.Activation, keras.layers.ReLU,
+             keras.layers.LeakyReLU, keras.layers.Identity)
+
+
+def row_wise(head: Any) -> bool:
+  """Whether `head` treats each row alone, so that it may run once on every
+  step's rows after the loop (`[batch * time, units]`: one large matmul for
+  a `Dense`) rather than inside it.
+
+  True for `Dense`, `Activation`, `ReLU`, `LeakyReLU`, `Identity`;
+  `Softmax` and `LayerNormalization` over the last axis only; `Dropout`
+  without `noise_shape`; `EinsumDense` whose equation keeps the first
+  (batch) index out of the kernel; a `Sequential` of these. False (the head
+  runs in the loop, at every step, as before) for anything else: layers
+  with batch statistics (`BatchNormalization`), user layers, subclasses.
+
+  >>> row_wise(keras.Sequential([keras.layers.Dense(4),
+  ...                            keras.layers.Activation("tanh")]))
+  True
+  >>> row_wise(keras.layers.BatchNormalization())
+  False
+  """
+  kind = type(head)
+  if kind is keras.Sequential:
+    return all(row_wise(layer) for layer in head.layers)
+  if kind in _ROW_WISE:
+    return True
+  if kind in (keras.layers.Softmax, keras.layers.LayerNormalization):
+    return list(tf.nest.flatten(head.axis)) == [-1]
+  if kind is keras.layers.Dropout:
+    return head.noise_shape is None
+  if kind is keras.layers.EinsumDense:
+    lhs, out = head.equation.split("->")
+    x, kernel = lhs.split(",")
+    return x[:3] == out[:3] == "..." or (x[0] == out[0] and
+                                         x[0] not in kernel)
+  return False
+
+
+def over_time(head: Any, outputs: tf.Tensor, training: Any) -> tf.Tensor:
+  """A `row_wise` head on `outputs` `[batch, time, ...]`, as one call on
+  `[batch * time, ...]`; returns `[batch, time, ...]`."""
+  merged = head(_loop.merge_leading_dims(outputs), training=training)
+  return tf.reshape(merged, tf.concat(
+      [tf.shape(outputs)[:2], tf.shape(merged)[1:]], 0))
 
 
 def check_optimizer(optimizer: Any) -> keras.optimizers.Optimizer:

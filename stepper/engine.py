@@ -82,7 +82,11 @@ def model_rnn(
     swap_memory: Passed to `tf.while_loop`: swap per-step activations to host
       memory (useful for long sequences on GPU). Off by default: it costs
       time and is useless on CPU.
-    training: Passed to the step at every call.
+    training: Passed to the step at every call: a Python bool, or a bool
+      tensor. Cells branch on it in Python (`if training and
+      self.dropout`), so a tensor whose value is unknown when tracing runs
+      the loop under a `tf.cond`, once with `True` and once with `False`;
+      the step never sees the tensor.
     mask: bool `[batch, time]`: where False the step is skipped for that row:
       states are carried forward; the output is the previous output (zeros
       before the first valid step), or zeros with `zero_output_for_mask`.
@@ -155,6 +159,20 @@ def model_rnn(
   x_spec = tf.nest.pack_sequence_as(
       x_structure, [_loop.step_spec(x, time_major) for x in flat_x])
   y_spec = _inputs.output_spec(step, x_spec, states, training)
+  if tf.is_tensor(training):  # The step is built now (by `output_spec`).
+    static = tf.get_static_value(training)
+    if static is None:
+      run = lambda flag: model_rnn(
+          step, inputs, initial_states, time_major=time_major,
+          reverse=reverse, return_sequences=return_sequences,
+          return_all_states=return_all_states, unroll=unroll,
+          parallel_iterations=parallel_iterations, swap_memory=swap_memory,
+          training=flag, mask=mask, sequence_length=sequence_length,
+          zero_output_for_mask=zero_output_for_mask, resets=resets,
+          remat=remat, hoist=hoist, _reset_to=_reset_to)
+      return tf.cond(tf.convert_to_tensor(training, tf.bool),
+                     lambda: run(True), lambda: run(False))
+    training = bool(static)
 
   reverse_rows = reverse and controls.lengths is not None
   # The remat engine reads the inputs in the caller's layout; the loop (and

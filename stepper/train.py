@@ -105,7 +105,12 @@ class Trainer:
       step: A Keras step model, a Keras RNN cell, a callable or a `Step`
         (e.g. from `stepper.stack`); see `stepper.steps`.
       head: Optional Keras layer applied to every step's output `y_t`
-        (`[batch, ...]`), e.g. a `Dense` readout.
+        (`[batch, ...]`), e.g. a `Dense` readout. A head that treats each
+        row alone (`Dense`, `Activation`, ...: see
+        `stepper._train_args.row_wise`) runs after the loop, once on every
+        step's rows (`[batch * time, units]`: one large matmul, as Keras
+        applies its `Dense` after an `LSTM`); any other head runs inside
+        the loop at every step. Same results either way.
       loss: A Keras loss (object or name) or a callable
         `(y_true, y_pred) -> per-example loss` on one step, `[batch, ...]`.
         The training loss is its mean over steps and batch.
@@ -125,7 +130,8 @@ class Trainer:
       checkpoint_dir: Directory for `tf.train.CheckpointManager`. The first
         `fit` restores the latest checkpoint there (model, optimizer, step
         counter, data iterator); every epoch ends with a save.
-      jit_compile: Compile the loss-and-gradient computation with XLA.
+      jit_compile: Compile the loss-and-gradient computation with XLA, in
+        every mode (truncated BPTT's windows have a static size).
       stream: Row `b` of every batch continues row `b` of the last (use
         `stepper.data.streams`: shuffled rows cannot be detected); the state
         is carried across batches, with TBPTT as in one batch holding the
@@ -144,7 +150,10 @@ class Trainer:
     self._strategy = _train_args.check_strategy(strategy)
     self._step = steps_lib.as_step(step)
     self._head = head
+    # The step with the head at every step: for checks and the first build.
     self._model = _train_args.with_head(self._step, head)
+    # A head that treats rows alone runs after the loop, on every step.
+    after = head is not None and _train_args.row_wise(head)
     self._tbptt = _train_args.check_tbptt(tbptt)
     for name, flag in (("jit_compile", jit_compile), ("stream", stream),
                        ("hoist", hoist)):
@@ -157,7 +166,8 @@ class Trainer:
                                       name="global_step")
     self._traces = collections.Counter()
     self._context = update_rules.Context(
-        model=self._model, head=None,
+        model=self._step if after else self._model,
+        head=head if after else None,
         loss=_targets.per_example_loss(loss),
         optimizer=_train_args.check_optimizer(optimizer),
         strategy=self._strategy,
@@ -170,10 +180,6 @@ class Trainer:
                                           k2=self._tbptt[1]))
     if stream:
       self._rule = update_rules.Stream(self._rule)
-    if jit_compile and self._tbptt is not None:
-      raise ValueError(
-          "`jit_compile=True` needs `tbptt=None`: truncated BPTT slices "
-          "windows at run-time offsets, which XLA cannot compile.")
     self._resumed = False  # The first `fit` restores the latest checkpoint.
     self._eval_function = tf.function(self._eval_step,
                                       reduce_retracing=True)
@@ -292,9 +298,12 @@ class Trainer:
 
   def predict(self, inputs: Nest, training: bool = False) -> Nest:
     """The head's prediction at every step, `[batch, time, ...]`."""
-    outputs, _ = engine.model_rnn(self._model, inputs, training=training,
-                                  hoist=self._context.hoist)
-    return outputs
+    context = self._context
+    outputs, _ = engine.model_rnn(context.model, inputs, training=training,
+                                  hoist=context.hoist)
+    if context.head is None:
+      return outputs
+    return _train_args.over_time(context.head, outputs, training)
 
   # Building and checkpoints.
 
@@ -371,7 +380,9 @@ class Trainer:
         updates = self._rule.train_batch(iterator)
       except (StopIteration, tf.errors.OutOfRangeError):
         break
-      first = self.global_step - len(updates) + 1
+      # The step counter is read only for TensorBoard (a read per batch).
+      first = (0 if self._logdir is None
+               else self.global_step - len(updates) + 1)
       for i, (loss, grad_norm) in enumerate(updates):
         logs = dict(loss=float(loss), grad_norm=float(grad_norm),
                     learning_rate=_learning_rate(self._context.optimizer))

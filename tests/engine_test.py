@@ -380,6 +380,42 @@ class ShapesAndModesTest(tf.test.TestCase, parameterized.TestCase):
     self.assertAllEqual(eval_a, eval_b)
     self.assertNotAllClose(train, eval_a)
 
+  def test_symbolic_training_never_reaches_the_step(self):
+    # Steps branch on `training` in Python (Keras cells: `if training and
+    # self.dropout`); a bool tensor unknown while tracing must pick one of
+    # two runs, each with a Python bool, and the gradient must flow.
+    seen = set()
+
+    def step(x_t, states, training):
+      seen.add(type(training))
+      scale = 2.0 if training else 1.0  # Raises for a symbolic tensor.
+      h = tf.tanh(scale * tf.reduce_sum(x_t, -1, keepdims=True) + states[0])
+      return h, [h]
+
+    cell = keras.layers.GRUCell(UNITS, dropout=0.5)
+    h0 = [tf.zeros([BATCH, UNITS])]
+
+    def outputs_and_grad(training):
+      with tf.GradientTape() as tape:
+        tape.watch(self.x)
+        y, _ = stepper.model_rnn(step, self.x, h0, training=training)
+      return y, tape.gradient(tf.reduce_sum(y), self.x)
+
+    @tf.function(input_signature=[tf.TensorSpec([], tf.bool)])
+    def run(training):
+      dropped, _ = stepper.model_rnn(cell, self.x, training=training)
+      return outputs_and_grad(training), dropped
+
+    for flag in (True, False):
+      (y, grad), dropped = run(tf.constant(flag))
+      testing.assert_nests_close([y, grad], list(outputs_and_grad(flag)),
+                                 rtol=1e-6)
+      if not flag:  # Inference: no dropout, the cell's own numbers.
+        self.assertAllClose(dropped, stepper.model_rnn(cell, self.x)[0],
+                            rtol=1e-6)
+    # None: the abstract trace of the output's spec.
+    self.assertEqual(seen, {bool, type(None)})
+
   def test_nested_inputs_and_callable_step(self):
     def step(x_t, states):
       h = tf.tanh(x_t["a"] + 2.0 * x_t["b"] + states[0])

@@ -145,6 +145,49 @@ class MixedPrecisionTest(tf.test.TestCase, parameterized.TestCase):
                                twin.trainable_variables, rtol=rtol,
                                atol=rtol / 10)
 
+  def test_tbptt_backpropagates_the_scaled_loss(self):
+    # A loss so small that its float16 gradients underflow unless the
+    # LossScaleOptimizer's scale (2**15) multiplies it before backprop, as
+    # in Keras' fit. Reference: Keras' RNN over the same TBPTT(2, 2)
+    # windows (TIME = 5: the last one has 1 step), the scaled loss taped.
+    # Backpropagating the unscaled loss (the bug this pins) moved the
+    # weights elsewhere than the reference.
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    keras.utils.set_random_seed(2)
+    x, y = _x(), tf.ones([BATCH, TIME, UNITS])
+    tiny = lambda y_true, y_pred: 1e-7 * tf.reduce_mean(
+        tf.square(y_true - y_pred), -1)
+    cell, twin = keras.layers.GRUCell(UNITS), keras.layers.GRUCell(UNITS)
+    layer = keras.layers.RNN(twin, return_sequences=True, return_state=True)
+    layer(x)
+    cell.build((None, FEATURES))
+    cell.set_weights(twin.get_weights())
+    make = lambda: keras.optimizers.LossScaleOptimizer(
+        keras.optimizers.SGD(1e5))
+    optimizer, twin_optimizer = make(), make()
+    trainer = stepper.Trainer(cell, loss=tiny, optimizer=optimizer,
+                              tbptt=(2, 2))
+    before = [v.numpy() for v in cell.trainable_variables]
+    trainer.fit(tf.data.Dataset.from_tensors((x, y)), verbose=0)
+
+    state = None
+    for begin, end in ((0, 2), (2, 4), (4, 5)):
+      with tf.GradientTape() as tape:
+        outputs, *state = layer(x[:, begin:end], initial_state=state)
+        loss = tf.reduce_mean(tiny(y[:, begin:end],
+                                   tf.cast(outputs, tf.float32)))
+        scaled = twin_optimizer.scale_loss(loss)
+      variables = twin.trainable_variables
+      twin_optimizer.apply(tape.gradient(scaled, variables), variables)
+      state = [tf.stop_gradient(s) for s in state]
+    self.assertEqual(int(optimizer.iterations), 3)
+    for b, a, t in zip(before, cell.trainable_variables,
+                       twin.trainable_variables):
+      self.assertGreater(np.abs(a - b).max(), 1e-5)  # Not underflowed.
+      # float16 gradients rounded apart (sum vs mean, see above): 1e-3 of
+      # the update.
+      testing.assert_nests_close(a - b, t - b, rtol=1e-2, atol=1e-4)
+
 
 if __name__ == "__main__":
   tf.test.main()

@@ -2,10 +2,11 @@
 this machine (`TF_CONFIG` with 127.0.0.1 ports only).
 
 Reference: the same training in the test's own process, without a strategy,
-on the global batches. After two updates of full BPTT and two batches of
-TBPTT the workers' weights must equal it (float64; the all-reduce sums the
-workers' shares in another order, hence rtol 1e-10 rather than bit
-equality).
+on the global batches. After two updates of full BPTT, two batches of TBPTT
+and three batches of a stream (TBPTT(2, 3): each worker carries its rows'
+state and history across batches) the workers' weights must equal it
+(float64; the all-reduce sums the workers' shares in another order, hence
+rtol 1e-10 rather than bit equality).
 """
 
 import json
@@ -36,16 +37,24 @@ def train_report(strategy):
       tf.data.experimental.AutoShardPolicy.DATA)
   dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(8).with_options(
       options)
+  # Stream: global batch i holds steps [2i, 2i + 2) of 8 streams; the DATA
+  # policy splits every global batch alike, so each worker gets the same 4
+  # rows of every batch.
+  windows = lambda a: np.concatenate(np.split(a[:8], 3, axis=1))
+  streams = tf.data.Dataset.from_tensor_slices(
+      (windows(x), windows(y))).batch(8).with_options(options)
   report = {}
-  for name, tbptt in (("full_bptt", None), ("tbptt", (2, 4))):
+  for name, tbptt, data in (("full_bptt", None, dataset),
+                            ("tbptt", (2, 4), dataset),
+                            ("stream", (2, 3), streams)):
     with strategy.scope():
       keras.utils.set_random_seed(0)
       cell = keras.layers.GRUCell(4, dtype="float64")
       head = keras.layers.Dense(1, dtype="float64")
       trainer = stepper.Trainer(cell, head, loss="mse", tbptt=tbptt,
-                                strategy=strategy,
+                                strategy=strategy, stream=data is streams,
                                 optimizer=keras.optimizers.Adam(1e-2))
-    trainer.fit(dataset, verbose=0)
+    trainer.fit(data, verbose=0)
     report[name] = dict(steps=trainer.global_step, weights=[
         v.numpy().tolist() for v in trainer.trainable_variables])
   report["replicas"] = strategy.num_replicas_in_sync
@@ -111,7 +120,7 @@ class MultiWorkerTest(tf.test.TestCase):
     alone = train_report(tf.distribute.get_strategy())
     self.assertEqual(worker_0["replicas"], 2)
     self.assertEqual(alone["replicas"], 1)
-    for name, steps in (("full_bptt", 2), ("tbptt", 6)):
+    for name, steps in (("full_bptt", 2), ("tbptt", 6), ("stream", 3)):
       self.assertEqual(worker_0[name]["steps"], steps)
       self.assertEqual(alone[name]["steps"], steps)
       for a, b, c in zip(worker_0[name]["weights"], worker_1[name]["weights"],

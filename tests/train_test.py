@@ -14,6 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 import stepper
+from stepper import _train_args
 from stepper import testing
 
 BATCH, TIME, FEATURES, UNITS = 4, 7, 3, 5
@@ -323,6 +324,53 @@ class TrainerTest(tf.test.TestCase, parameterized.TestCase):
       stepper.Trainer(_gru_step(readout=1), loss="mse", tbptt=tbptt,
                       optimizer=keras.optimizers.SGD())
 
+  def test_row_wise_head_after_the_loop_equals_head_in_the_loop(self):
+    # A Dense head runs after the loop, on [batch * time, units]; behind a
+    # Lambda (not row-wise) the same Dense runs inside the loop at every
+    # step, the path every head took before. float64: the same products,
+    # summed in another order. TBPTT(2, 5): the loss steps' rows only (full
+    # BPTT's after-the-loop head is pinned against hand-written tapes).
+    x, y = (a.astype(np.float64) for a in _data())
+    trained = []
+    for in_loop in (False, True):
+      keras.utils.set_random_seed(6)
+      cell = keras.layers.GRUCell(UNITS, dtype="float64")
+      dense = keras.layers.Dense(2, dtype="float64")
+      head = keras.Sequential([dense, keras.layers.Lambda(
+          lambda t: t, dtype="float64")]) if in_loop else dense
+      trainer = stepper.Trainer(cell, head, loss=_mse, tbptt=(2, 5),
+                                optimizer=keras.optimizers.SGD(0.5))
+      history = trainer.fit(_dataset(x, np.repeat(y, 2, -1)), epochs=2,
+                            verbose=0)
+      trained.append((history["loss"], trainer.predict(x[:2]),
+                      trainer.trainable_variables))
+    (loss, predicted, weights), (loss_in, predicted_in, weights_in) = trained
+    self.assertEqual(predicted.shape, (2, TIME, 2))
+    self.assertAllClose(loss, loss_in, rtol=1e-12)
+    testing.assert_nests_close(predicted, predicted_in, rtol=1e-12)
+    testing.assert_nests_close(weights, weights_in, rtol=1e-12)
+
+  def test_row_wise_recognises_heads_that_do_not_mix_rows(self):
+    row_wise = _train_args.row_wise
+    layers = keras.layers
+    for head in (layers.Dense(3), layers.Activation("relu"),
+                 layers.Dropout(0.5), layers.Softmax(),
+                 layers.LayerNormalization(),
+                 layers.EinsumDense("ab,bc->ac", output_shape=3),
+                 keras.Sequential([layers.Dense(3), layers.ReLU()])):
+      self.assertTrue(row_wise(head), head)
+
+    class MyDense(layers.Dense):  # May override call to mix rows.
+      pass
+
+    for head in (layers.BatchNormalization(), layers.Dropout(0.5, (1, 3)),
+                 layers.Softmax(axis=0), layers.LayerNormalization(axis=0),
+                 layers.EinsumDense("ab,ac->bc", output_shape=(3, 3)),
+                 layers.Lambda(lambda t: t), MyDense(3),
+                 keras.Sequential([layers.Dense(3),
+                                   layers.BatchNormalization()])):
+      self.assertFalse(row_wise(head), head)
+
   def test_trainer_raises_on_bad_arguments(self):
     step = _gru_step(readout=1)
     with self.assertRaisesRegex(TypeError, r"`optimizer` must be a keras"):
@@ -332,9 +380,6 @@ class TrainerTest(tf.test.TestCase, parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, r"`gradient_clip_norm` must be"):
       stepper.Trainer(step, loss="mse", optimizer=keras.optimizers.SGD(),
                       gradient_clip_norm=-1.0)
-    with self.assertRaisesRegex(ValueError, r"`jit_compile=True` needs"):
-      stepper.Trainer(step, loss="mse", optimizer=keras.optimizers.SGD(),
-                      tbptt=(2, 2), jit_compile=True)
 
 
 # The logical CPU devices must exist before TensorFlow initialises its

@@ -207,19 +207,34 @@ class UpdateRule:
     if per_step:  # Every step is an example for the loss: fold time.
       outputs = _loop.merge_leading_dims(outputs)
       targets = _loop.merge_leading_dims(targets)
+    outputs = self.apply_head(outputs, training)
     return (*self.summed_loss(targets, outputs), final_states)
 
-  def summed_loss(self, targets: tf.Tensor, outputs: tf.Tensor
+  def apply_head(self, outputs: tf.Tensor, training: bool) -> tf.Tensor:
+    """The context's after-the-loop head on `outputs` `[rows, units]` (all
+    steps' rows merged: one matmul for a `Dense`), if there is one."""
+    head = self.context.head
+    return outputs if head is None else head(outputs, training=training)
+
+  def summed_loss(self, targets: tf.Tensor, outputs: tf.Tensor,
+                  weights: tf.Tensor | None = None
                   ) -> tuple[tf.Tensor, tf.Tensor]:
     """The per-example loss of `outputs` `[rows, ...]` against `targets`,
-    summed, and its count."""
+    summed, and its count; rows where the bool `weights` `[rows]` is False
+    count for nothing."""
     # Mixed precision: the loss in float32, as Keras computes its losses.
     dtype = tf.float32 if outputs.dtype.size < 4 else outputs.dtype
     outputs = tf.cast(outputs, dtype)
     per_example = tf.convert_to_tensor(self.context.loss(targets, outputs))
     per_example = tf.cast(per_example, dtype)
-    return (tf.reduce_sum(per_example),
-            tf.cast(tf.size(per_example), outputs.dtype))
+    if weights is None:
+      return tf.reduce_sum(per_example), tf.cast(tf.size(per_example), dtype)
+    # `where`, not a product: no NaN of an unused row reaches the gradient.
+    keep = tf.broadcast_to(tf.reshape(
+        weights, [-1] + [1] * (per_example.shape.rank - 1)),
+                           tf.shape(per_example))
+    return (tf.reduce_sum(tf.where(keep, per_example, 0)),
+            tf.reduce_sum(tf.cast(keep, dtype)))
 
 
 def _global_norm(grads: list, ctx: tf.distribute.ReplicaContext) -> tf.Tensor:
