@@ -14,6 +14,7 @@ Shapes are tiny (batch 2, time 5, units 3, float64): the cost is tracing.
 """
 
 import functools
+import json
 
 import keras
 import numpy as np
@@ -366,6 +367,49 @@ class ErrorsTest(tf.test.TestCase):
     with self.assertRaisesRegex(ValueError, r"`method` 'snap1' cannot "
                                 r"handle.*int32"):
       online.gradients(counting, x, y, _mse, method="snap1", **kwargs)
+
+
+class AlignmentTest(tf.test.TestCase):
+
+  def test_report_against_its_definition(self):
+    cell = _cell("gru")  # Shares the traces of the tests above.
+    x, y = _data()
+    report = stepper.verify.alignment(cell, x, y, _mse,
+                                      methods=["rtrl", "snap1"],
+                                      tbptt=[(TIME, TIME), (1, 1)])
+    _, exact = online.gradients(cell, x, y, _mse, method="bptt")
+    _, snap = online.gradients(cell, x, y, _mse, method="snap1")
+    a, e = _flat(snap), _flat(exact)
+    row = report.row("snap1")
+    self.assertAllClose(row.cosine, a @ e / np.linalg.norm(a) /
+                        np.linalg.norm(e), rtol=1e-12)
+    self.assertAllClose(row.relative_error,
+                        np.linalg.norm(a - e) / np.linalg.norm(e), rtol=1e-12)
+    kernel = report.row("snap1", cell.trainable_variables[0].path)
+    self.assertAllClose(kernel.cosine, _flat(snap[:1]) @ _flat(exact[:1]) /
+                        np.linalg.norm(snap[0]) / np.linalg.norm(exact[0]))
+    # Exact estimators: RTRL, and a window covering the whole sequence.
+    for exact_one in ("rtrl", f"tbptt({TIME}, {TIME})"):
+      self.assertLess(report.row(exact_one).relative_error, 1e-10)
+    # TBPTT(1, 1) against its updates summed by hand (each one step).
+    updates = stepper.tbptt.updates(cell, x, y, _mse, k1=1, k2=1)
+    by_hand = sum(_flat(g) for _, g in updates) / TIME
+    self.assertAllClose(report.row("tbptt(1, 1)").relative_error,
+                        np.linalg.norm(by_hand - e) / np.linalg.norm(e),
+                        rtol=1e-10)
+    self.assertLess(report.row("tbptt(1, 1)").cosine, 0.999)
+    self.assertLen(report.rows, 4 * (1 + len(exact)))
+    as_dict = json.loads(json.dumps(report.to_dict()))
+    self.assertEqual(as_dict["rows"][0]["estimator"], "rtrl")
+    self.assertIn("tbptt(1, 1)", str(report))
+
+  def test_bad_arguments(self):
+    cell = _cell("gru")
+    x, y = _data()
+    with self.assertRaisesRegex(ValueError, r"`method`.*'SnAp1'"):
+      stepper.verify.alignment(cell, x, y, _mse, methods=["SnAp1"])
+    with self.assertRaisesRegex(ValueError, r"`tbptt`.*\(3, 2\)"):
+      stepper.verify.alignment(cell, x, y, _mse, methods=[], tbptt=[(3, 2)])
 
 
 if __name__ == "__main__":

@@ -10,13 +10,17 @@ call:
   differences (`tf.test.compute_gradient`)? No control model needed.
 * `gradient_horizon`: how far back in time (and down a stack) does the
   gradient of a loss reach, with full BPTT and with a truncation window?
+* `alignment`: how well does each online estimator (`stepper.online`) and
+  each truncation window point where the exact gradient does (cosine and
+  relative error, overall and per variable)?
 
 `compare` and `numerical` return a `GradientReport`: one row per compared
 quantity, printable as a table, serialisable with `to_dict`, and
 `assert_ok()` for tests. Run `python -m stepper.verify --cell=gru` for a
 report on a built-in cell.
 
-One module per concept: `report` (`GradientReport`, `Row`), `comparison`
+One module per concept: `report` (`GradientReport`, `Row`), `alignment`
+(`alignment`, `AlignmentReport`, `AlignmentRow`), `comparison`
 (`compare`), `finite_differences` (`numerical`), `horizon`
 (`gradient_horizon`, `Horizon`); `find_nonfinite` (`NonfiniteReport`,
 `Finding`: where a NaN or Inf first appears) lives in `stepper._nonfinite`.
@@ -26,6 +30,9 @@ This package re-exports their public names.
 from stepper._nonfinite import Finding
 from stepper._nonfinite import NonfiniteReport
 from stepper._nonfinite import find_nonfinite
+from stepper.verify.alignment import AlignmentReport
+from stepper.verify.alignment import AlignmentRow
+from stepper.verify.alignment import alignment
 from stepper.verify.comparison import compare
 from stepper.verify.finite_differences import numerical
 from stepper.verify.horizon import Horizon
@@ -34,6 +41,7 @@ from stepper.verify.report import GradientReport
 from stepper.verify.report import Row
 from stepper.verify.report import default_tolerance
 
-__all__ = ["Finding", "GradientReport", "Horizon", "NonfiniteReport", "Row",
-           "compare", "default_tolerance", "find_nonfinite",
-           "gradient_horizon", "numerical"]
+__all__ = ["AlignmentReport", "AlignmentRow", "Finding", "GradientReport",
+           "Horizon", "NonfiniteReport", "Row", "alignment", "compare",
+           "default_tolerance", "find_nonfinite", "gradient_horizon",
+           "numerical"]
