@@ -127,3 +127,37 @@ def check_clip_norm(clip: Any) -> float | None:
   # NaN passed `clip <= 0` and turned every weight into NaN; so did inf
   # (the clip factor inf / inf).
   return _checks.check_number(clip, "gradient_clip_norm", positive=True)
+
+
+def check_online(online: Any, *, tbptt: Any, stream: bool,
+                 jit_compile: bool) -> str | None:
+  """`online`: None, or an online estimator of `stepper.online`.
+
+  Raises:
+    ValueError: Naming `online` (and the argument it conflicts with) for
+      an unknown method, `"bptt"`, `tbptt`, no `stream` or `jit_compile`.
+  """
+  if online is None:
+    return None
+  estimators = ["rtrl", "snap1", "uoro"]
+  if online == "bptt":
+    raise ValueError(
+        "`online`='bptt' is not an online estimator: full BPTT over a "
+        "stream is `online=None, stream=True` (the state carried, the "
+        f"gradient cut at each batch). Pass one of {estimators} or None.")
+  if not isinstance(online, str) or online not in estimators:
+    raise ValueError(f"`online` must be one of {estimators} "
+                     f"(case-sensitive) or None; got {online!r}.")
+  if tbptt is not None:
+    raise ValueError(
+        f"`online`={online!r} and `tbptt`={tbptt!r} exclude each other: an "
+        "online estimator carries the influence forward instead of "
+        "truncating backpropagation. Pass tbptt=None.")
+  if not stream:
+    raise ValueError(
+        f"`online`={online!r} needs `stream`=True: the state and the "
+        "influence carry from batch to batch (row b of every batch "
+        "continues row b of the last; see stepper.data.streams).")
+  if jit_compile:
+    raise ValueError(f"`online`={online!r} needs `jit_compile`=False.")
+  return online

@@ -176,8 +176,8 @@ class Estimator:
       targets: `[batch, time, ...]`, one target per step.
       states: The states entering the first step (default: initial).
       carry: The influence entering it (default: zeros, as
-        `zeros(batch)`).
-      seed: int or None (UORO's random signs).
+        `initial_influence`).
+      seed: int or None (UORO's random signs), or an int64 `[2]` tensor.
       mask: bool `[batch, time]`, as in `model_rnn`.
       resets: bool `[batch, time]`, as in `model_rnn`; a reset row's
         influence restarts from zero.
@@ -186,7 +186,7 @@ class Estimator:
     Returns:
       A `Run`.
     """
-    seed = seed_tensor(check_seed(seed))
+    seed = seed if tf.is_tensor(seed) else seed_tensor(check_seed(seed))
     inputs = tf.nest.map_structure(tf.convert_to_tensor, inputs)
     flat, batch, time = _inputs.flat_inputs(self._model, inputs, False)
     states = _inputs.initial_states(self._model, states, batch)
@@ -204,7 +204,7 @@ class Estimator:
     self._check_step(states, variables, batch)
     layout = _influence.Layout(states, variables)
     if carry is None:
-      carry = self._rule(layout, inputs, states).zeros(batch.value)
+      carry = self.initial_influence(inputs, states)
     out = self._compiled(inputs, targets, states, reset_to, list(carry),
                          seed, controls.mask, controls.resets)
     loss_sum, count, grad, final, new_carry = out
@@ -212,13 +212,18 @@ class Estimator:
                tf.nest.pack_sequence_as(states, tf.nest.flatten(final)),
                list(new_carry))
 
-  def zeros(self, inputs: Nest, states: Nest | None = None) -> list:
-    """The zero influence for `inputs`' batch (what `run` starts from)."""
-    inputs = tf.nest.map_structure(tf.convert_to_tensor, inputs)
-    _, batch, _ = _inputs.flat_inputs(self._model, inputs, False)
-    states = _inputs.initial_states(self._model, states, batch)
-    layout = _influence.Layout(states, self.variables(inputs, states))
-    return self._rule(layout, inputs, states).zeros(batch.value)
+  def initial_influence(self, input_spec: Nest, states: Nest) -> list:
+    """The zero influence for the rows of `states` (what `run` starts from
+    without a `carry`).
+
+    Args:
+      input_spec: The inputs (tensors or `tf.TensorSpec`s), each leaf
+        `[batch, time, ...]`: SnAp-1's pattern depends on their shape.
+      states: The states, nested like the step's, each `[batch, ...]`.
+    """
+    layout = _influence.Layout(states, self.variables())
+    batch = tf.shape(tf.nest.flatten(states)[0])[0]
+    return self._rule(layout, input_spec, states).zeros(batch)
 
   def _check_step(self, states: Nest, variables: list, batch) -> None:
     """A method that cannot handle the step says which and why."""

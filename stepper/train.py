@@ -98,7 +98,7 @@ class Trainer:
                logdir: str | None = None,
                checkpoint_dir: str | None = None,
                jit_compile: bool = False, stream: bool = False,
-               hoist: bool = False):
+               hoist: bool = False, online: str | None = None):
     """Configures the training loop; nothing runs or builds yet.
 
     Args:
@@ -139,13 +139,20 @@ class Trainer:
       hoist: Passed to `model_rnn`: compute the step's input half for all
         steps before the loop (see `model_rnn`). Same results up to float
         rounding.
+      online: `None`, or an online gradient estimator of `stepper.online`
+        (`"rtrl"`, `"snap1"`, `"uoro"`): an update every batch, the state
+        and the influence carried across batches with no cut and
+        checkpointed (`stepper.update_rules.Online`). Needs
+        `stream=True`; excludes `tbptt`.
 
     Raises:
       TypeError: If `loss` is not callable, `optimizer` is not a Keras
         optimizer, `strategy` is not a `tf.distribute.Strategy`, or
         `jit_compile`, `stream` or `hoist` is not a bool.
       ValueError: If `tbptt` is not `None` or `(k1, k2)` with
-        `1 <= k1 <= k2`, or `gradient_clip_norm` is not positive.
+        `1 <= k1 <= k2`, `gradient_clip_norm` is not positive, or `online`
+        is not an online estimator, or is given without `stream=True` or
+        with `tbptt`.
     """
     self._strategy = _train_args.check_strategy(strategy)
     self._step = steps_lib.as_step(step)
@@ -158,6 +165,8 @@ class Trainer:
     for name, flag in (("jit_compile", jit_compile), ("stream", stream),
                        ("hoist", hoist)):
       _checks.check_bool(flag, name)
+    online = _train_args.check_online(online, tbptt=self._tbptt,
+                                      stream=stream, jit_compile=jit_compile)
     self._logdir = logdir
     self._writer = None
     self._checkpoint_dir = checkpoint_dir
@@ -175,9 +184,13 @@ class Trainer:
         jit_compile=jit_compile, hoist=hoist, global_step=self._global_step,
         traces=self._traces, targets_per_step=self._targets_per_step)
     # One object per update rule (`stepper.update_rules`).
-    self._rule = (update_rules.FullBPTT(self._context) if self._tbptt is None
-                  else update_rules.TBPTT(self._context, k1=self._tbptt[0],
-                                          k2=self._tbptt[1]))
+    if online is not None:
+      self._rule = update_rules.Online(self._context, method=online)
+    elif self._tbptt is None:
+      self._rule = update_rules.FullBPTT(self._context)
+    else:
+      self._rule = update_rules.TBPTT(self._context, k1=self._tbptt[0],
+                                      k2=self._tbptt[1])
     if stream:
       self._rule = update_rules.Stream(self._rule)
     self._resumed = False  # The first `fit` restores the latest checkpoint.

@@ -5,6 +5,8 @@ module, not branches in `stepper.train`:
 
 * `FullBPTT` (`full.py`): one update per batch, backpropagating all of it.
 * `TBPTT` (`truncated.py`): BPTT(k2; k1), an update every `k1` steps.
+* `Online` (`online.py`): an update every batch from the influence an
+  online estimator (`stepper.online`: RTRL, SnAp-1, UORO) carries forward.
 * `Stream` (`stream.py`): drives one of the above (or any rule with
   `run_batch`) over a stream whose batches continue each other.
 
@@ -36,12 +38,13 @@ The interface (`rule.UpdateRule`):
   and `static_time` (batches need a static length) drive dataset checks.
 
 >>> sorted(n for n in dir(stepper.update_rules) if n[0].isupper())
-['Context', 'FullBPTT', 'Stream', 'TBPTT', 'UpdateRule']
+['Context', 'FullBPTT', 'Online', 'Stream', 'TBPTT', 'UpdateRule']
 """
 
 from stepper.update_rules.full import FullBPTT
+from stepper.update_rules.online import Online
 from stepper.update_rules.rule import Context, UpdateRule
 from stepper.update_rules.stream import Stream
 from stepper.update_rules.truncated import TBPTT
 
-__all__ = ["Context", "FullBPTT", "Stream", "TBPTT", "UpdateRule"]
+__all__ = ["Context", "FullBPTT", "Online", "Stream", "TBPTT", "UpdateRule"]
