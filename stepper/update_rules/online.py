@@ -36,8 +36,10 @@ class Online(rule.UpdateRule):
     self.method = online_lib.check_method(method, online_lib.METHODS[1:])
     self._estimator = None  # Set by `build`: the variables exist then.
     self._input_spec = None
+    # No autograph: converting the estimator's code costs ~10x its trace.
     self._update_function = tf.function(self._update_step,
-                                        reduce_retracing=True)
+                                        reduce_retracing=True,
+                                        autograph=False)
 
   def build(self, element_spec: tuple) -> None:
     if self._estimator is None:
