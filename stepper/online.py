@@ -25,8 +25,8 @@ online methods run the whole sequence in one `tf.while_loop` inside a
 compiled function that is traced once per step, loss, method and shape
 (the seed is a tensor: a new seed does not retrace).
 
-Measured cost per step (README, "Online gradients"): `python -m
-benchmarks.online --cost`.
+Measured cost per step: docs/guides/online.md (`python -m benchmarks.online
+--cost`).
 """
 
 import secrets
@@ -49,6 +49,9 @@ from stepper import masking
 from stepper import steps as steps_lib
 
 Nest = Any
+
+__all__ = ["DEFAULT_MAX_INFLUENCE", "METHODS", "Estimator", "Run",
+           "gradients"]
 
 METHODS = ("bptt", "rtrl", "snap1", "uoro")
 DEFAULT_MAX_INFLUENCE = 2 ** 24  # 16.8M numbers: 134 MB in float64.
