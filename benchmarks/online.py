@@ -77,7 +77,7 @@ _OUT = flags.DEFINE_string("out", "benchmarks/results/online.json",
 _COST = flags.DEFINE_bool("cost", False, "Measure the cost per step only.")
 _COST_OUT = flags.DEFINE_string(
     "cost_out", "benchmarks/results/online_cost.json", "Cost JSON.")
-_COST_TIME = flags.DEFINE_integer("cost_time", 200,
+_COST_TIME = flags.DEFINE_integer("cost_time", 50,
                                   "Steps of the timed sequence.")
 _COST_REPEATS = flags.DEFINE_integer("cost_repeats", 5, "Timed rounds.")
 

@@ -10,10 +10,13 @@ cell, a functional step model, a callable, a `stepper.stack`) with one of:
 * `"rtrl"` (Williams & Zipser 1989): exact; carries `M` `[batch, state,
   params]`, `O(state^2 params)` per row and step.
 * `"snap1"` (Menick et al., ICLR 2021): SnAp-1 carries `M` only at the
-  entries one step reaches (the pattern of `ds_t/dtheta`) and propagates them
-  with the diagonal of `ds_t/ds_{t-1}`. Exact for elementwise recurrences
-  (IndRNN, minGRU, LRU: Zucchet et al., NeurIPS 2023); otherwise biased.
-  Carries `[batch, kept]`, `kept` a small multiple of `params`.
+  entries one step reaches (the pattern of `ds_t/dtheta`, probed once at
+  random points) and propagates them with the diagonal of `ds_t/ds_{t-1}`,
+  both computed compressed by colouring (a few Jacobian products per step).
+  Exact for elementwise recurrences (IndRNN, minGRU, LRU: Zucchet et al.,
+  NeurIPS 2023); otherwise biased. Carries `[batch, kept]`, `kept` a small
+  multiple of `params`. Measured: 5.1 BPTT steps per step on a 16-unit GRU,
+  3.0 on a minGRU (`stepper._influence.Snap1`).
 * `"uoro"` (Tallec & Ollivier, ICLR 2018): an unbiased rank-one estimate;
   carries `[batch, state]` and `[batch, params]`.
 
