@@ -19,9 +19,9 @@ quantity, printable as a table, serialisable with `to_dict`, and
 `assert_ok()` for tests. Run `python -m stepper.verify --cell=gru` for a
 report on a built-in cell.
 
-One module per concept: `report` (`GradientReport`, `Row`), `alignment`
-(`alignment`, `AlignmentReport`, `AlignmentRow`), `comparison`
-(`compare`), `finite_differences` (`numerical`), `horizon`
+One module per concept: `report` (`GradientReport`, `Row`),
+`estimator_alignment` (`alignment`, `AlignmentReport`, `AlignmentRow`),
+`comparison` (`compare`), `finite_differences` (`numerical`), `horizon`
 (`gradient_horizon`, `Horizon`); `find_nonfinite` (`NonfiniteReport`,
 `Finding`: where a NaN or Inf first appears) lives in `stepper._nonfinite`.
 This package re-exports their public names.
@@ -30,9 +30,9 @@ This package re-exports their public names.
 from stepper._nonfinite import Finding
 from stepper._nonfinite import NonfiniteReport
 from stepper._nonfinite import find_nonfinite
-from stepper.verify.alignment import AlignmentReport
-from stepper.verify.alignment import AlignmentRow
-from stepper.verify.alignment import alignment
+from stepper.verify.estimator_alignment import AlignmentReport
+from stepper.verify.estimator_alignment import AlignmentRow
+from stepper.verify.estimator_alignment import alignment
 from stepper.verify.comparison import compare
 from stepper.verify.finite_differences import numerical
 from stepper.verify.horizon import Horizon
