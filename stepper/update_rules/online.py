@@ -44,9 +44,11 @@ class Online(rule.UpdateRule):
   def build(self, element_spec: tuple) -> None:
     if self._estimator is None:
       context = self.context
+      # The head (when the Trainer runs it after the loop) at every step:
+      # the estimator needs each step's loss.
       self._estimator = online_lib.Estimator(
           context.model, context.loss, method=self.method,
-          variables=context.trainable, training=True,
+          head=context.head, variables=context.trainable, training=True,
           max_influence=2 ** 62)
     self._input_spec = element_spec[0]
 
