@@ -501,6 +501,16 @@ def _trainer_cases():
             r"`hoist`", r"1 of type int"),
       _Case("jit_compile_none", lambda: _trainer(jit_compile=None), {},
             TypeError, r"`jit_compile`", r"None"),
+      _Case("online_without_stream", lambda: _trainer(online="rtrl"), {},
+            ValueError, r"`online`.*`stream`", r"'rtrl'"),
+      _Case("online_with_tbptt",
+            lambda: _trainer(online="uoro", stream=True, tbptt=(2, 2)), {},
+            ValueError, r"`online`.*`tbptt`", r"\(2, 2\)"),
+      _Case("online_bptt", lambda: _trainer(online="bptt", stream=True), {},
+            ValueError, r"`online`", r"'bptt'"),
+      _Case("online_upper_case",
+            lambda: _trainer(online="SnAp1", stream=True), {}, ValueError,
+            r"`online`", r"'SnAp1'"),
   ]
   for value in ((3, 2), (0, 1), 5, (1, 2, 3), (1.0, 2)):
     bad.append(_Case(f"tbptt_{value!r}", lambda v=value: _trainer(tbptt=v),
