@@ -149,7 +149,7 @@ def alignment(step: Any, inputs: Nest, targets: tf.Tensor, loss_fn: Any,
     head: As in `stepper.online.gradients`.
     initial_states: As in `stepper.online.gradients`.
     variables: As in `stepper.online.gradients`.
-    seed: UORO's seed (one estimate; its variance is in the README).
+    seed: UORO's seed (one estimate; its variance: docs/guides/online.md).
 
   Returns:
     An `AlignmentReport`: a row per estimator over all variables
