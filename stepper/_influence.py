@@ -264,10 +264,10 @@ class Snap1:
   for a dense one). Carries `[batch, K]` (`K = params` for GRU and
   SimpleRNN, `1.75 params` for LSTM, whose output gate reaches `h` only).
 
-  Measured (`python -m benchmarks.online --cost`: 16 units, 16 rows, CPU,
-  under load): a step costs 5.1 BPTT steps on a GRU (a dense `J`, 16
-  colours) and 3.0 on a minGRU (a diagonal `J`, 1 colour); peak memory
-  9.0x and 2.6x BPTT's over 50 steps, constant in the sequence length.
+  Measured (`python -m benchmarks.online --cost`: 16 units, 16 rows, a
+  quiet 2-core CPU): a step costs 4.7 BPTT steps on a GRU (a dense `J`, 16
+  colours) and 2.0 on a minGRU (a diagonal `J`, 1 colour); peak memory
+  8.8x and 2.5x BPTT's over 50 steps, constant in the sequence length.
   """
 
   def __init__(self, fn: StepCall, patterns: _sparsity.Patterns):

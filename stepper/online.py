@@ -15,8 +15,8 @@ cell, a functional step model, a callable, a `stepper.stack`) with one of:
   both computed compressed by colouring (a few Jacobian products per step).
   Exact for elementwise recurrences (IndRNN, minGRU, LRU: Zucchet et al.,
   NeurIPS 2023); otherwise biased. Carries `[batch, kept]`, `kept` a small
-  multiple of `params`. Measured: 5.1 BPTT steps per step on a 16-unit GRU,
-  3.0 on a minGRU (`stepper._influence.Snap1`).
+  multiple of `params`. Measured: 4.7 BPTT steps per step on a 16-unit GRU,
+  2.0 on a minGRU (`stepper._influence.Snap1`).
 * `"uoro"` (Tallec & Ollivier, ICLR 2018): an unbiased rank-one estimate;
   carries `[batch, state]` and `[batch, params]`.
 
