@@ -129,13 +129,12 @@ def check_clip_norm(clip: Any) -> float | None:
   return _checks.check_number(clip, "gradient_clip_norm", positive=True)
 
 
-def check_online(online: Any, *, tbptt: Any, stream: bool,
-                 jit_compile: bool) -> str | None:
+def check_online(online: Any, *, tbptt: Any, stream: bool) -> str | None:
   """`online`: None, or an online estimator of `stepper.online`.
 
   Raises:
     ValueError: Naming `online` (and the argument it conflicts with) for
-      an unknown method, `"bptt"`, `tbptt`, no `stream` or `jit_compile`.
+      an unknown method, `"bptt"`, `tbptt` or no `stream`.
   """
   if online is None:
     return None
@@ -158,6 +157,4 @@ def check_online(online: Any, *, tbptt: Any, stream: bool,
         f"`online`={online!r} needs `stream`=True: the state and the "
         "influence carry from batch to batch (row b of every batch "
         "continues row b of the last; see stepper.data.streams).")
-  if jit_compile:
-    raise ValueError(f"`online`={online!r} needs `jit_compile`=False.")
   return online

@@ -131,7 +131,8 @@ class Trainer:
         `fit` restores the latest checkpoint there (model, optimizer, step
         counter, data iterator); every epoch ends with a save.
       jit_compile: Compile the loss-and-gradient computation with XLA, in
-        every mode (truncated BPTT's windows have a static size).
+        every mode (truncated BPTT's windows have a static size; `online`
+        compiles the estimator's loop over each batch).
       stream: Row `b` of every batch continues row `b` of the last (use
         `stepper.data.streams`: shuffled rows cannot be detected); the state
         is carried across batches, with TBPTT as in one batch holding the
@@ -166,7 +167,7 @@ class Trainer:
                        ("hoist", hoist)):
       _checks.check_bool(flag, name)
     online = _train_args.check_online(online, tbptt=self._tbptt,
-                                      stream=stream, jit_compile=jit_compile)
+                                      stream=stream)
     self._logdir = logdir
     self._writer = None
     self._checkpoint_dir = checkpoint_dir

@@ -35,6 +35,7 @@ class Online(rule.UpdateRule):
     super().__init__(context)
     self.method = online_lib.check_method(method, online_lib.METHODS[1:])
     self._estimator = None  # Set by `build`: the variables exist then.
+    self._estimate = None  # `self._estimator.run`, compiled under XLA.
     self._input_spec = None
     # No autograph: converting the estimator's code costs ~10x its trace.
     self._update_function = tf.function(self._update_step,
@@ -50,6 +51,11 @@ class Online(rule.UpdateRule):
           context.model, context.loss, method=self.method,
           head=context.head, variables=context.trainable, training=True,
           max_influence=2 ** 62)
+      # `jit_compile=True`: XLA compiles the estimator's whole loop over
+      # the batch, as the other rules compile their gradient.
+      self._estimate = tf.function(
+          self._estimator.run, jit_compile=True, autograph=False) if (
+              context.jit_compile) else self._estimator.run
     self._input_spec = element_spec[0]
 
   def train_batch(self, iterator) -> list[rule.Update]:
@@ -80,9 +86,9 @@ class Online(rule.UpdateRule):
     reset_to = self.context.model.initial_state(tf.shape(targets)[0])
     seed = tf.stack([self.context.global_step.read_value(),
                      tf.constant(0, tf.int64)])
-    run = self._estimator.run(inputs, targets, states, list(influence),
-                              seed=seed, resets=streaming.resets_of(element),
-                              reset_to=reset_to)
+    run = self._estimate(inputs, targets, states, list(influence),
+                         seed=seed, resets=streaming.resets_of(element),
+                         reset_to=reset_to)
     total = ctx.all_reduce(rule.SUM, run.count)
     grad_norm = self.apply([g / tf.cast(total, g.dtype)
                             for g in run.grad_sum], scaled=False)
