@@ -201,7 +201,8 @@ class Estimator:
       raise ValueError(
           f"No variables to differentiate: {self._step.name} has no "
           "trainable variables. Pass `variables=[...]`.")
-    targets = check_targets(targets, batch, time)
+    targets = check_targets(targets, self._model, inputs, states,
+                            self._training, batch, time)
     controls = masking.prepare(mask=mask, sequence_length=None,
                                resets=resets, zero_output_for_mask=False,
                                batch=batch.value, time=time.value,
@@ -399,9 +400,13 @@ def check_variables(step: steps_lib.Step, variables: Any) -> None:
                     f"{variables!r}.")
 
 
-def check_targets(targets: Any, batch: _loop.Dim,
+def check_targets(targets: Any, model: steps_lib.Step, inputs: Nest,
+                  states: Nest, training: bool, batch: _loop.Dim,
                   time: _loop.Dim) -> tf.Tensor:
-  """Per-step targets `[batch, time, ...]`.
+  """Per-step targets `[batch, time, ...]` shaped like the predictions of
+  `model` (the step with its head; sparse labels drop the last axis): a
+  loss would broadcast `[batch, time, 1]` against `[batch, time, units]`
+  silently.
 
   Raises:
     ValueError: Naming `targets` and both shapes.
@@ -414,6 +419,16 @@ def check_targets(targets: Any, batch: _loop.Dim,
         f"`targets` has shape {_checks.shape_str(targets.shape)}; online "
         f"gradients need one target per step, [batch, time, ...] = "
         f"{_checks.shape_str([batch.static, time.static])}, ...].")
+  x_spec = tf.nest.map_structure(
+      lambda x: tf.TensorSpec([x.shape[0]] + x.shape[2:].as_list(), x.dtype),
+      inputs)
+  y_spec = _inputs.output_spec(model, x_spec, states, training)
+  if isinstance(y_spec, tf.TensorSpec):  # A nest is the loss's to take.
+    try:
+      _targets.layout(targets, y_spec.shape, time.static,
+                      allow_sequence_level=False)
+    except ValueError as e:
+      raise ValueError(f"`targets`: {e}") from None
   return targets
 
 
@@ -531,7 +546,8 @@ def _bptt(step, inputs, targets, loss_fn, *, head, initial_states, variables,
   states = _inputs.initial_states(model, initial_states, batch)
   variables = find_variables(step, model, head, variables, inputs, states,
                              training)
-  targets = check_targets(targets, batch, time)
+  targets = check_targets(targets, model, inputs, states, training, batch,
+                          time)
   key = ("bptt", id(loss_fn), id(head), tuple(id(v) for v in variables),
          training)
   per_step = _CACHE.setdefault(step, {})

@@ -740,6 +740,13 @@ def _online_cases():
             ValueError, r"`targets`", r"\(3, 4, 2\)"),
       _Case("targets_rank_1", _online(), dict(x=_X, y=_ones(2)),
             ValueError, r"`targets`", r"\(2,\)"),
+      # [2, 4, 1] against [2, 4, 2] predictions: a loss would broadcast.
+      _Case("targets_last_axis", _online(method="bptt"),
+            dict(x=_X, y=_ones(2, 4, 1)), ValueError, r"`targets`",
+            r"\(2, 4, 1\)"),
+      _Case("targets_last_axis_online", _online(),
+            dict(x=_X, y=_ones(2, 4, 3)), ValueError, r"`targets`",
+            r"\(2, 4, 3\)"),
       _Case("max_influence_exceeded", _online(max_influence=10), xy,
             ValueError, r"`max_influence` = 10", r"\[2, 2, 12\] of 48"),
       _Case("max_influence_zero", _online(max_influence=0), xy,
