@@ -81,7 +81,9 @@ def assert_nests_close(actual: Nest, expected: Nest, *,
 
   Raises:
     AssertionError: If structures differ or any leaf is not close.
+    TypeError: If `normwise` is not a bool.
   """
+  normwise = _checks.check_bool(normwise, "normwise")
   try:
     tf.nest.assert_same_structure(actual, expected, check_types=False)
   except (ValueError, TypeError) as e:

@@ -74,6 +74,23 @@ class AssertionsTest(tf.test.TestCase, parameterized.TestCase):
       testing.assert_nests_close([np.ones(2), np.ones(2)],
                                  [np.ones(2), 2 * np.ones(2)], name="grads")
 
+  def test_normwise_bounds_each_leaf_by_its_largest_entry(self):
+    # A small entry off by 1e-6 passes against a leaf whose largest entry
+    # is 1 (1e-6 <= 1e-5 * 1), and fails elementwise (bound 2e-11).
+    actual, expected = [np.array([1.0, 1e-6])], [np.array([1.0, 2e-6])]
+    testing.assert_nests_close(actual, expected, rtol=1e-5, normwise=True)
+    with self.assertRaisesRegex(AssertionError, r"\[0\]: max \|err\|"):
+      testing.assert_nests_close(actual, expected, rtol=1e-5)
+    # Each leaf its own scale: a large leaf does not widen a small one's.
+    with self.assertRaisesRegex(AssertionError, r"\[1\]: .* max \|expected"):
+      testing.assert_nests_close(
+          [np.array([1e3]), np.array([1.0, 1e-6])],
+          [np.array([1e3]), np.array([1.001, 2e-6])], rtol=1e-5,
+          normwise=True)
+    with self.assertRaisesRegex(TypeError, r"`normwise` must be a bool; "
+                                r"got 'yes'"):
+      testing.assert_nests_close(actual, expected, normwise="yes")
+
 
 if __name__ == "__main__":
   tf.test.main()
