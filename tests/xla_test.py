@@ -313,18 +313,9 @@ class TrainerXlaTest(parameterized.TestCase, tf.test.TestCase):
       dataset = tf.data.Dataset.from_tensor_slices(tuple(element))
     else:
       dataset = tf.data.Dataset.from_tensors(tuple(element))
-    trained = []
-    for jit_compile in (False, True):
-      keras.utils.set_random_seed(0)
-      trainer = stepper.Trainer(
-          keras.layers.GRUCell(4, dtype="float64"),
-          keras.layers.Dense(1, dtype="float64"), loss="mse", tbptt=tbptt,
-          stream=stream, jit_compile=jit_compile,
-          optimizer=keras.optimizers.Adam(0.1))
-      history = trainer.fit(dataset, verbose=0)
-      trained.append((history["loss"], trainer.trainable_variables,
-                      trainer.global_step))
-    (loss, weights, steps), (xla_loss, xla_weights, xla_steps) = trained
+    (loss, weights, steps), (xla_loss, xla_weights, xla_steps) = [
+        _fit_gru(dataset, 4, tbptt=tbptt, stream=stream,
+                 jit_compile=jit_compile) for jit_compile in (False, True)]
     self.assertEqual(steps, xla_steps)
     self.assertAllClose(loss, xla_loss, rtol=1e-12)
     testing.assert_nests_close(xla_weights, weights, rtol=1e-12)
@@ -334,7 +325,7 @@ class TrainerXlaTest(parameterized.TestCase, tf.test.TestCase):
     # Two batches of 3 steps: the state and the influence (UORO: its
     # rank-one pair, its signs seeded by the update counter) carried across
     # the boundary, a reset inside each batch.
-    (loss, weights), (xla_loss, xla_weights) = [
+    (loss, weights, _), (xla_loss, xla_weights, _) = [
         _online_fit(method, jit_compile) for jit_compile in (False, True)]
     self.assertAllClose(loss, xla_loss, rtol=1e-12)
     testing.assert_nests_close(xla_weights, weights, rtol=1e-12)
@@ -345,7 +336,8 @@ class TrainerXlaTest(parameterized.TestCase, tf.test.TestCase):
     # UORO's random signs under XLA are another Rademacher draw than graph
     # mode's: the first batch's loss (no sign reached it) matches graph
     # mode, and the same seed gives the same run.
-    (loss, _), (xla_loss, xla_weights), (again_loss, again_weights) = [
+    (loss, _, _), (xla_loss, xla_weights, _), (again_loss, again_weights,
+                                               _) = [
         _online_fit("uoro", jit_compile) for jit_compile in (False, True, True)]
     self.assertAllClose(loss[:1], xla_loss[:1], rtol=1e-12)
     self.assertAllEqual(xla_loss, again_loss)
@@ -360,16 +352,21 @@ def _online_fit(method, jit_compile):
   resets[0, 2] = resets[1, 4] = True
   element = [np.stack(np.split(a, 2, axis=1))
              for a in (x, np.cumsum(x[..., :1], 1) * 0.3, resets)]
-  dataset = tf.data.Dataset.from_tensor_slices(tuple(element))
+  return _fit_gru(tf.data.Dataset.from_tensor_slices(tuple(element)), 3,
+                  stream=True, online=method, jit_compile=jit_compile)
+
+
+def _fit_gru(dataset, units, **trainer_args):
+  """A float64 GRU and Dense(1) head fitted for one epoch from seed 0:
+  every batch's loss, the weights and the update count."""
   keras.utils.set_random_seed(0)
   trainer = stepper.Trainer(
-      keras.layers.GRUCell(3, dtype="float64"),
-      keras.layers.Dense(1, dtype="float64"), loss="mse", stream=True,
-      online=method, jit_compile=jit_compile,
-      optimizer=keras.optimizers.Adam(0.1))
+      keras.layers.GRUCell(units, dtype="float64"),
+      keras.layers.Dense(1, dtype="float64"), loss="mse",
+      optimizer=keras.optimizers.Adam(0.1), **trainer_args)
   losses = stepper.BatchLosses()
   trainer.fit(dataset, verbose=0, callbacks=[losses])
-  return losses.losses, trainer.trainable_variables
+  return losses.losses, trainer.trainable_variables, trainer.global_step
 
 
 if __name__ == "__main__":
